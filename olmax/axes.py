@@ -1,0 +1,91 @@
+"""The closed vocabulary of logical axis names, and the default rules mapping them to mesh axes.
+
+Every parameter of the network is declared with one of PARAM_AXES per dimension
+(recorded in the `params_axes` collection, which T5X reads); every activation
+sharding constraint uses ACTIVATION_AXES. Parameter and activation names are kept
+apart (as in MaxText) so that, e.g., the `embed` dimension of a kernel and the
+feature dimension of the residual stream can be sharded differently.
+
+A test asserts that every parameter is annotated with names from this module and
+that every name has a rule in DEFAULT_RULES.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+from flax.linen import partitioning as nn_partitioning
+
+# Parameter axes.
+PARAM_AXES = (
+    "vocab",  # vocabulary rows of the embedding / columns of the output layer
+    "embed",  # model width (OlmaxConfig.features)
+    "mlp",  # hidden width of conv and expert feed-forwards
+    "heads",  # attention heads (flattened with the head dim) or mixer channel groups
+    "conv_window",  # taps of a causal convolution
+    "mix_lag",  # lags of an axial-mixer token-mixing filter
+    "expert",  # experts of a mixture of experts
+    "layers",  # the scanned depth axis of stacked layer parameters
+    "norm",  # the feature axis of a norm scale or bias
+)
+
+# Activation axes.
+ACTIVATION_AXES = (
+    "activation_batch",
+    "activation_length",
+    "activation_embed",
+    "activation_mlp",
+    "activation_heads",
+    "activation_vocab",
+    "activation_expert",
+    "activation_capacity",
+)
+
+# Logical name -> mesh axis (or None: replicated). Mesh axes are `data` and `model`.
+# Order matters where two names could claim the same mesh axis on one array: flax
+# gives a mesh axis to the first name that asks for it.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", "data"),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "model"),
+    ("activation_heads", "model"),
+    ("activation_vocab", "model"),
+    ("activation_expert", "model"),
+    ("activation_capacity", None),
+    ("expert", "model"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("embed", None),
+    ("conv_window", None),
+    ("mix_lag", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def logical_axes(variables: Any) -> Any:
+    """Tree of logical PartitionSpecs for `variables['params']`, read from `params_axes`.
+
+    Works on the output of `module.init(...)` (or anything holding a `params_axes`
+    collection); the result has the same structure as `variables['params']` and is
+    what `nn.logical_to_mesh_sharding` and `optim.adaptive_grad_clip(axes=...)` take.
+    """
+    variables = flax.core.unfreeze(variables)
+    if "params_axes" not in variables:
+        raise ValueError(
+            "No 'params_axes' collection: pass the variables returned by module.init(...) "
+            "(not only variables['params']) so that the logical axis names are available."
+        )
+    return nn_partitioning.get_axis_names(variables["params_axes"])
+
+
+def logical_names(spec: Any) -> tuple[str, ...]:
+    """The tuple of names of a PartitionSpec / tuple leaf."""
+    return tuple(spec)
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, jax.sharding.PartitionSpec)

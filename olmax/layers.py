@@ -1,0 +1,359 @@
+"""Olmax's building blocks: norms, causal convolution, axial mixer, attention, MoE.
+
+Every block takes the residual stream `x: [batch, length, features]` plus a
+`Context` (segment ids and positions of packed examples) and returns
+`(y: [batch, length, features], aux: dict of scalars)`. Blocks never mix across
+segments, and never let position t see a position s > t.
+
+Einsum letters used throughout:
+  b batch, t/s sequence positions, d features (embed), f hidden features (mlp),
+  h channel groups / heads, c channels per group, n/m mixer blocks,
+  k/j offsets inside a mixer block, e experts, x expert capacity slots, w window taps.
+
+Parameters are stored in fp32 and cast to `config.dtype` for compute; norms,
+softmaxes and the router run in fp32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import TYPE_CHECKING, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import partitioning as nn_partitioning
+
+if TYPE_CHECKING:  # network.py defines the config and imports this module.
+    from olmax.network import OlmaxConfig
+
+Array = jax.Array
+param_with_axes = nn_partitioning.param_with_axes
+constrain = nn.with_logical_constraint
+
+AUX_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_dropped", "moe_max_load")
+
+
+def zero_aux() -> dict[str, Array]:
+    return {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Context:
+    """Per-token side inputs shared by every block.
+
+    segment_ids: [batch, length] int32; tokens mix only within equal ids (packing).
+      0 marks padding (it forms its own segment, so it never leaks into real tokens).
+    positions: [batch, length] int32; position of each token inside its segment.
+    """
+
+    segment_ids: Array
+    positions: Array
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    return {
+        "gelu": nn.gelu,
+        "relu": nn.relu,
+        "silu": nn.silu,
+        "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.01),
+    }[name]
+
+
+def fan_in_normal(fan_in_axes: tuple[int, ...]):
+    """Truncated-normal init with variance 1 / fan_in over the given axes."""
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = math.prod(shape[a] for a in fan_in_axes)
+        std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # unit variance after truncation
+        return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+    return init
+
+
+def shift_right(x: Array, lag: int, axis: int = 1) -> Array:
+    """x[t - lag] at t along `axis`, zeros for t < lag."""
+    if lag == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (lag, 0)
+    x = jnp.pad(x, pad)
+    return jax.lax.slice_in_dim(x, 0, x.shape[axis] - lag, axis=axis)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class Norm(nn.Module):
+    """RMSNorm (`kind="rms"`: x / sqrt(mean(x^2) + eps) * scale) or LayerNorm, fp32 inside."""
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        d = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        if cfg.norm == "layer":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+        y = y * param_with_axes("scale", nn.initializers.ones, (d,), axes=("norm",))
+        if cfg.norm == "layer":
+            y = y + param_with_axes("bias", nn.initializers.zeros, (d,), axes=("norm",))
+        return y.astype(x.dtype)
+
+
+# ------------------------------------------------------------------ causal convolution
+
+
+def causal_conv(x: Array, kernel: Array, ctx: Context) -> Array:
+    """Causal, segment-masked convolution.
+
+    x: [b, t, i], kernel: [w, i, o] (tap w-1 multiplies x[t], tap 0 x[t-w+1]) -> [b, t, o].
+    Computed as a sum of shifted matmuls so that masking a lag across a segment
+    boundary is a multiply, and no [b, t, w, i] window tensor is materialized.
+    """
+    width = kernel.shape[0]
+    y = None
+    for lag in range(width):
+        xs = shift_right(x, lag)
+        if lag:
+            same = ctx.segment_ids == shift_right(ctx.segment_ids, lag)
+            xs = xs * same[..., None].astype(xs.dtype)
+        term = jnp.einsum("bti,io->bto", xs, kernel[width - 1 - lag])
+        y = term if y is None else y + term
+    return y
+
+
+class ConvBlock(nn.Module):
+    """Causal conv (features -> conv_features), activation, causal conv back."""
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+        cfg = self.config
+        d, f, w = cfg.features, cfg.conv_features, cfg.conv_kernel
+        k_in = param_with_axes("wi", fan_in_normal((0, 1)), (w, d, f), axes=("conv_window", "embed", "mlp"))
+        k_out = param_with_axes("wo", fan_in_normal((0, 1)), (w, f, d), axes=("conv_window", "mlp", "embed"))
+        h = causal_conv(x, k_in.astype(cfg.dtype), ctx)  # [b,t,d] -> [b,t,f]
+        h = constrain(activation(cfg.activation)(h), ("activation_batch", "activation_length", "activation_mlp"))
+        return causal_conv(h, k_out.astype(cfg.dtype), ctx), zero_aux()  # [b,t,f] -> [b,t,d]
+
+
+# ----------------------------------------------------------------------- axial mixer
+
+
+def lag_matrix(lags: Array, size: int, offset: int = 0) -> Array:
+    """Causal Toeplitz matrix M[i, j] = lags[i - j + offset] where 0 <= i - j + offset < len(lags).
+
+    lags: [L, h] -> [size, size, h]. With offset=0 it is lower triangular (lag 0 on
+    the diagonal); with offset=size it is the strictly-upper part that reaches back
+    into the previous block.
+    """
+    i = jnp.arange(size)[:, None]
+    j = jnp.arange(size)[None, :]
+    lag = i - j + offset
+    valid = (lag >= 0) & (lag < lags.shape[0])
+    m = jnp.take(lags, jnp.clip(lag, 0, lags.shape[0] - 1), axis=0)  # [size, size, h]
+    return jnp.where(valid[..., None], m, 0.0)
+
+
+class AxialMixer(nn.Module):
+    """Causal axial MLP-Mixer with a full receptive field in one layer, O(N^1.5).
+
+    The padded sequence is viewed as a grid [n_blocks, K] (t = n*K + k). Two learned
+    token-mixing contractions with a per-position nonlinearity between them:
+
+      1. along the block axis (the grid's columns): u[t] = sum_m a[m] x[t - m*K], m < n_blocks
+      2. along the offset axis, as a sliding window: y[t] = sum_l b[l] act(u)[t - l], l < K
+
+    Every lag t - s in [0, N) is l + m*K for exactly one (l, m), so output t depends
+    on every input s <= t already in one layer, and on nothing after t. Weights are
+    per channel group (h) and depend on the lag only, not on absolute positions:
+    the mixer is shift-equivariant, so a packed segment is mixed exactly as it would
+    be alone (plus a mask on every pair that crosses a segment boundary), and a
+    decode step needs only past inputs, never a recomputation.
+
+    Cost per layer: O(N * (n_blocks + 2K) * d), i.e. O(N^1.5 d) at K = sqrt(N).
+    """
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+        cfg = self.config
+        bsz, length, d = x.shape
+        k, h = cfg.mixer_block, cfg.mixer_heads
+        max_blocks = -(-cfg.max_length // k)
+        # [lags, h]: lag 0 starts near identity so a fresh layer passes local signal on.
+        a = param_with_axes("block_lags", lag_init(max_blocks), (max_blocks, h), axes=("mix_lag", "heads"))
+        b = param_with_axes("offset_lags", lag_init(k), (k, h), axes=("mix_lag", "heads"))
+        bias = param_with_axes("bias", nn.initializers.zeros, (d,), axes=("norm",))
+
+        n = -(-length // k)
+        pad = n * k - length
+        xg = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(bsz, n, k, h, d // h)
+        # Padding gets segment -1: distinct from every real segment and from id 0.
+        seg = jnp.pad(ctx.segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, n, k)
+
+        # 1. Block axis: [b,n,k,h,c] -> [b,n,k,h,c], mixing block m into block n >= m.
+        col = lag_matrix(a[:n].astype(cfg.dtype), n)  # [n, m, h]
+        same = (seg[:, :, None, :] == seg[:, None, :, :]).astype(cfg.dtype)  # [b,n,m,k]
+        u = jnp.einsum("nmh,bnmk,bmkhc->bnkhc", col, same, xg)
+        u = activation(cfg.activation)(u + bias.astype(cfg.dtype).reshape(h, d // h))
+
+        # 2. Offset axis, sliding: block n from its own offsets j <= k and from the
+        #    previous block's offsets j > k (lags K-1 .. 1 reaching back across the edge).
+        own = lag_matrix(b.astype(cfg.dtype), k)  # [k, j, h]
+        prev = lag_matrix(b.astype(cfg.dtype), k, offset=k)  # [k, j, h]
+        u_prev = shift_right(u, 1)  # block n-1 at n
+        seg_prev = shift_right(seg, 1) + jnp.where(jnp.arange(n) == 0, -2, 0)[None, :, None]
+        same_own = (seg[..., :, None] == seg[..., None, :]).astype(cfg.dtype)  # [b,n,k,j]
+        same_prev = (seg[..., :, None] == seg_prev[..., None, :]).astype(cfg.dtype)
+        y = jnp.einsum("kjh,bnkj,bnjhc->bnkhc", own, same_own, u) + jnp.einsum(
+            "kjh,bnkj,bnjhc->bnkhc", prev, same_prev, u_prev
+        )
+        return y.reshape(bsz, n * k, d)[:, :length], zero_aux()
+
+
+def lag_init(num_lags: int):
+    """Token-mixing filter init: lag 0 near 1, other lags small so early and late
+    positions (which sum over different numbers of lags) stay on the same scale."""
+
+    def init(key, shape, dtype=jnp.float32):
+        w = jax.random.normal(key, shape, dtype) / math.sqrt(num_lags)
+        return w.at[0].add(1.0)
+
+    return init
+
+
+# ------------------------------------------------------------------------- attention
+
+
+def rotary(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Array:
+    """Rotary position embedding. x: [b, t, h, c], positions: [b, t]."""
+    half = x.shape[-1] // 2
+    freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None, None].astype(jnp.float32) * freq  # [b,t,1,half]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with rotary positions: the transformer baseline mixer."""
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+        cfg = self.config
+        d, h = cfg.features, cfg.num_heads
+        c = d // h
+        init = fan_in_normal((0,))
+        proj = {
+            n: param_with_axes(n, init, (d, d), axes=("embed", "heads")).astype(cfg.dtype) for n in ("wq", "wk", "wv")
+        }
+        wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
+        q, k, v = (jnp.einsum("btd,de->bte", x, proj[n]).reshape(*x.shape[:2], h, c) for n in ("wq", "wk", "wv"))
+        q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
+        logits = jnp.einsum("bthc,bshc->bhts", q, k).astype(jnp.float32) / math.sqrt(c)
+        t = jnp.arange(x.shape[1])
+        mask = (t[:, None] >= t[None, :])[None] & (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :])
+        logits = jnp.where(mask[:, None], logits, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bhts,bshc->bthc", probs, v).reshape(x.shape)
+        return jnp.einsum("bte,ed->btd", out, wo), zero_aux()
+
+
+# ------------------------------------------------------------------ mixture of experts
+
+
+class MoE(nn.Module):
+    """Routed top-k mixture of feed-forward experts with a capacity per expert.
+
+    Tokens are routed in groups of `expert_group_size` consecutive positions of a
+    row. Capacity slots are handed out in (position, choice) order, so whether a
+    token is dropped depends only on itself and earlier tokens: the MoE stays
+    causal (the usual "all first choices before any second choice" order is not).
+    A dropped token's expert output is zero; the residual carries it on.
+    """
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+        cfg = self.config
+        bsz, length, d = x.shape
+        e, f, top_k = cfg.num_experts, cfg.expert_features, cfg.expert_top_k
+        router = param_with_axes("router", fan_in_normal((0,)), (d, e), axes=("embed", "expert"))
+        wi = param_with_axes("wi", fan_in_normal((1,)), (e, d, f), axes=("expert", "embed", "mlp"))
+        wo = param_with_axes("wo", fan_in_normal((1,)), (e, f, d), axes=("expert", "mlp", "embed"))
+
+        g = min(cfg.expert_group_size, length)
+        n_groups = -(-length // g)
+        pad = n_groups * g - length
+        xg = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(bsz * n_groups, g, d)
+        real = jnp.pad(ctx.segment_ids != 0, ((0, 0), (0, pad))).reshape(bsz * n_groups, g)
+        capacity = max(1, math.ceil(cfg.capacity_factor * top_k * g / e))
+
+        logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), router)  # fp32 router
+        probs = jax.nn.softmax(logits, axis=-1)
+        gate, choice = jax.lax.top_k(probs, top_k)  # [G,s,k]
+        gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+        onehot = jax.nn.one_hot(choice, e, dtype=jnp.int32) * real[..., None, None]  # [G,s,k,e]
+        # Slot of each (token, choice) in its expert's queue, in (position, choice) order.
+        flat = onehot.reshape(onehot.shape[0], g * top_k, e)
+        slot = (jnp.cumsum(flat, axis=1) - flat).reshape(onehot.shape)
+        keep = onehot * (slot < capacity)
+        dispatch_k = keep[..., None] * jax.nn.one_hot(slot, capacity, dtype=jnp.int32)  # [G,s,k,e,x]
+        dispatch = jnp.sum(dispatch_k, axis=2).astype(cfg.dtype)  # [G,s,e,x]
+        combine = jnp.einsum("gsk,gskex->gsex", gate.astype(cfg.dtype), dispatch_k.astype(cfg.dtype))
+
+        xe = jnp.einsum("gsex,gsd->gexd", dispatch, xg.astype(cfg.dtype))  # [G,e,x,d]
+        xe = constrain(xe, ("activation_batch", "activation_expert", "activation_capacity", "activation_embed"))
+        he = activation(cfg.activation)(jnp.einsum("gexd,edf->gexf", xe, wi.astype(cfg.dtype)))
+        ye = jnp.einsum("gexf,efd->gexd", he, wo.astype(cfg.dtype))
+        y = jnp.einsum("gsex,gexd->gsd", combine, ye).reshape(bsz, n_groups * g, d)[:, :length]
+
+        n_real = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
+        realf = real[..., None].astype(jnp.float32)
+        frac_routed = jnp.sum(onehot[:, :, 0] * realf, axis=(0, 1)) / n_real  # first choices per expert
+        mean_prob = jnp.sum(probs * realf, axis=(0, 1)) / n_real
+        load = jnp.sum(onehot, axis=(0, 1, 2)).astype(jnp.float32) / (n_real * top_k)
+        aux = {
+            "moe_lb_loss": e * jnp.sum(frac_routed * mean_prob),
+            "moe_z_loss": jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * real) / n_real,
+            "moe_dropped": jax.lax.stop_gradient(1.0 - jnp.sum(keep) / (n_real * top_k)),
+            "moe_max_load": jax.lax.stop_gradient(jnp.max(load) * e),
+        }
+        return y, aux
+
+
+BLOCKS = {"conv": ConvBlock, "moe": MoE}
+MIXERS = {"axial": AxialMixer, "attention": Attention}
+
+
+class Block(nn.Module):
+    """One residual branch f(x): the inner block wrapped in its norms.
+
+    placement="sandwich": post_norm(inner(pre_norm(x))); placement="pre": inner(pre_norm(x)).
+    """
+
+    config: OlmaxConfig
+    kind: str
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context, enable_dropout: bool = False) -> tuple[Array, dict]:
+        cfg = self.config
+        inner = MIXERS[cfg.mixer] if self.kind == "mixer" else BLOCKS[self.kind]
+        y = Norm(cfg, name="pre_norm")(x.astype(cfg.dtype))
+        y, aux = inner(cfg, name=self.kind)(y, ctx)
+        if cfg.placement == "sandwich":
+            y = Norm(cfg, name="post_norm")(y)
+        y = nn.Dropout(cfg.dropout_rate, deterministic=not enable_dropout)(y)
+        y = constrain(y, ("activation_batch", "activation_length", "activation_embed"))
+        return y.astype(jnp.float32), aux

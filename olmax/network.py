@@ -1,0 +1,206 @@
+"""The Olmax network: its config and the decoder-only flax module (T5X calling convention).
+
+    tokens [b, t] -> embedding [b, t, d] -> depth x layer -> norm -> logits [b, t, vocab] (fp32)
+
+A layer is a sequence of residual branches (`OlmaxConfig.blocks`, default conv then
+mixer), each branch a Block: SandwichLN(inner) with RMSNorm. The stack is reversible
+(activation memory independent of depth) or plain residual with remat.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import partitioning as nn_partitioning
+
+from olmax import layers
+from olmax import reversible
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class OlmaxConfig:
+    """Global hyperparameters of the network (one object instead of kwarg plumbing)."""
+
+    vocab_size: int = 384  # 256 bytes + specials, padded to a multiple of 128
+    features: int = 256  # d: width of the residual stream
+    depth: int = 8  # number of layers; each has len(blocks) residual branches
+    max_length: int = 2048  # longest sequence the mixer has filters for
+    mixer: str = "axial"  # "axial" (Olmax) or "attention" (transformer baseline)
+    reversible: bool = True  # False: plain residual + remat
+    norm: str = "rms"  # "rms" or "layer"
+    placement: str = "sandwich"  # "sandwich" (norm before and after f) or "pre"
+    num_experts: int = 0  # 0: no mixture of experts
+    dtype: Any = jnp.float32  # compute dtype; parameters and residual streams stay fp32
+    # Per-layer pattern of branches: "conv", "mixer", "moe". None: conv, mixer
+    # (conv, moe, mixer when num_experts > 0).
+    blocks: tuple[str, ...] | None = None
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    dropout_rate: float = 0.0
+    tie_embeddings: bool = False
+    # Causal convolution block.
+    conv_kernel: int = 5
+    conv_features: int = 512
+    # Axial mixer: block size K (O(N^1.5) at K = sqrt(max_length)) and channel groups.
+    mixer_block: int = 64
+    mixer_heads: int = 4
+    # Attention baseline.
+    num_heads: int = 4
+    # Mixture of experts.
+    expert_top_k: int = 2
+    expert_features: int = 512
+    capacity_factor: float = 1.25
+    expert_group_size: int = 512
+
+    def __post_init__(self):
+        _choice("mixer", self.mixer, ("axial", "attention"))
+        _choice("norm", self.norm, ("rms", "layer"))
+        _choice("placement", self.placement, ("sandwich", "pre"))
+        _choice("activation", self.activation, ("gelu", "relu", "silu", "leaky_relu"))
+        for kind in self.layer_blocks:
+            _choice("blocks entry", kind, ("conv", "mixer", "moe"))
+        if "moe" in self.layer_blocks and self.num_experts < 2:
+            raise ValueError(f"blocks={self.layer_blocks} has a 'moe' branch but num_experts={self.num_experts}; set num_experts >= 2.")
+        if self.num_experts and not 1 <= self.expert_top_k <= self.num_experts:
+            raise ValueError(f"expert_top_k={self.expert_top_k} must be in [1, num_experts={self.num_experts}].")
+        if self.features % self.mixer_heads:
+            raise ValueError(f"features={self.features} must be divisible by mixer_heads={self.mixer_heads}.")
+        if self.features % self.num_heads or (self.features // self.num_heads) % 2:
+            raise ValueError(f"features={self.features} / num_heads={self.num_heads} must be an even head size.")
+        for name in ("vocab_size", "features", "depth", "max_length", "mixer_block", "conv_kernel", "conv_features"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+
+    @property
+    def layer_blocks(self) -> tuple[str, ...]:
+        if self.blocks is not None:
+            return tuple(self.blocks)
+        return ("conv", "moe", "mixer") if self.num_experts else ("conv", "mixer")
+
+
+def _choice(name: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"OlmaxConfig.{name}={value!r} is not one of {valid}.")
+
+
+def branch_names(config: OlmaxConfig) -> tuple[str, ...]:
+    """Stable parameter names of a layer's branches, e.g. ('conv_0', 'mixer_1')."""
+    return tuple(f"{kind}_{i}" for i, kind in enumerate(config.layer_blocks))
+
+
+def layer_fns(config: OlmaxConfig, enable_dropout: bool = False) -> reversible.LayerFns:
+    """One layer's branches as pure functions (branch params, x, ctx, rng) -> (f(x), aux)."""
+
+    def branch(kind: str):
+        module = layers.Block(config, kind)
+
+        def fn(p, x, ctx, rng):
+            return module.apply({"params": p}, x, ctx, enable_dropout, rngs={"dropout": rng})
+
+        return fn
+
+    return reversible.LayerFns(branch_names(config), tuple(branch(k) for k in config.layer_blocks))
+
+
+class Layer(nn.Module):
+    """One layer's branches as a module: used to create (and name) the stacked parameters."""
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: layers.Context) -> tuple[Array, None]:
+        for name, kind in zip(branch_names(self.config), self.config.layer_blocks):
+            y, _ = layers.Block(self.config, kind, name=name)(x, ctx)
+            x = x + y
+        return x, None
+
+
+class Stack(nn.Module):
+    """`depth` layers with parameters stacked on a leading `layers` axis."""
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: layers.Context, enable_dropout: bool) -> tuple[Array, dict]:
+        cfg = self.config
+        if self.is_initializing():
+            # Creates params [depth, ...] and their `params_axes` (with 'layers' prepended).
+            scanned = nn_partitioning.scan_with_axes(
+                Layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
+                length=cfg.depth,
+                axis_name="layers",
+            )
+            scanned(cfg, name="layers")(x, ctx)
+        params = self.variables["params"]["layers"]
+
+        use_dropout = enable_dropout and cfg.dropout_rate > 0
+        key = self.make_rng("dropout") if use_dropout else jax.random.PRNGKey(0)
+        rngs = jax.random.split(key, cfg.depth)
+        fns = layer_fns(cfg, use_dropout)
+        if cfg.reversible:
+            return reversible.reversible_stack(fns, params, x, ctx, rngs, layers.zero_aux())
+        return reversible.remat_stack(fns, params, x, ctx, rngs, layers.zero_aux())
+
+
+class Olmax(nn.Module):
+    """Decoder-only Olmax with T5X's decoder-only call signature.
+
+    Returns fp32 logits [batch, length, vocab_size]. MoE auxiliary losses and metrics
+    (summed over layers) are sown to `intermediates/moe_aux`.
+    """
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        decoder_causal_attention: Array | None = None,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+        prefill: bool = False,
+        prefill_lengths: Array | None = None,
+    ) -> Array:
+        cfg = self.config
+        del decoder_target_tokens, decoder_causal_attention  # every position is causal (LM)
+        if decode or prefill:
+            raise NotImplementedError("Cached decoding is not available yet; call with decode=False.")
+        tokens = jnp.asarray(decoder_input_tokens)
+        bsz, length = tokens.shape
+        if length > cfg.max_length:
+            raise ValueError(
+                f"Input length {length} exceeds the model's max_length={cfg.max_length}; "
+                "shorten TASK_FEATURE_LENGTHS or raise OlmaxConfig.max_length."
+            )
+        seg = jnp.ones((bsz, length), jnp.int32) if decoder_segment_ids is None else decoder_segment_ids
+        pos = jnp.broadcast_to(jnp.arange(length), (bsz, length)) if decoder_positions is None else decoder_positions
+        ctx = layers.Context(segment_ids=jnp.asarray(seg, jnp.int32), positions=jnp.asarray(pos, jnp.int32))
+
+        embedding = nn_partitioning.param_with_axes(
+            "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.features), axes=("vocab", "embed")
+        )
+        x = jnp.take(embedding, tokens, axis=0)  # [b,t] -> [b,t,d] fp32
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x, aux = Stack(cfg, name="decoder")(x, ctx, enable_dropout)
+        self.sow("intermediates", "moe_aux", aux)
+        x = layers.Norm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            kernel = embedding.T / jnp.sqrt(cfg.features).astype(jnp.float32)
+        else:
+            kernel = nn_partitioning.param_with_axes(
+                "logits_kernel", layers.fan_in_normal((0,)), (cfg.features, cfg.vocab_size), axes=("embed", "vocab")
+            )
+        logits = jnp.einsum("btd,dv->btv", x.astype(jnp.float32), kernel)  # [b,t,d] -> [b,t,v] fp32
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
