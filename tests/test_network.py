@@ -1,0 +1,225 @@
+"""Properties of the network: causality, receptive field, packing, reversibility, memory."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from olmax import layers, network, reversible
+
+BASE = network.OlmaxConfig(
+    vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
+    mixer_block=8, mixer_heads=2, num_heads=2, expert_features=32, expert_group_size=64,
+)
+VARIANTS = {
+    "axial_rev": dict(mixer="axial", reversible=True),
+    "axial_remat": dict(mixer="axial", reversible=False),
+    "attention_rev": dict(mixer="attention", reversible=True),
+    "attention_remat": dict(mixer="attention", reversible=False),
+    # capacity_factor = experts / top_k: every expert can take the whole group, nothing drops
+    "axial_moe": dict(mixer="axial", num_experts=4, expert_top_k=2, capacity_factor=2.0),
+    "layernorm_pre": dict(norm="layer", placement="pre"),
+}
+LENGTH = 40  # not a multiple of the mixer block (8)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request):
+    cfg = dataclasses.replace(BASE, **VARIANTS[request.param])
+    module = network.Olmax(cfg)
+    tok = jnp.ones((1, cfg.max_length), jnp.int32)
+    params = jax.jit(lambda r: module.init(r, tok, tok, enable_dropout=False))(jax.random.PRNGKey(0))["params"]
+
+    @jax.jit
+    def apply_jit(params, tokens, segment_ids, positions):
+        return module.apply({"params": params}, tokens, decoder_segment_ids=segment_ids,
+                            decoder_positions=positions, enable_dropout=False)
+
+    def apply(params, tokens, segment_ids=None, positions=None):
+        """Every call is padded to one shape [b, 40] (one compile per variant)."""
+        b, t = tokens.shape
+        segment_ids = np.ones((b, t), np.int32) if segment_ids is None else segment_ids
+        positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
+        pad = ((0, 0), (0, LENGTH - t))
+        return apply_jit(params, np.pad(tokens, pad), np.pad(segment_ids, pad), np.pad(positions, pad))[:, :t]
+
+    return cfg, params, apply
+
+
+def test_causal_by_perturbation(model):
+    cfg, params, apply = model
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(1, cfg.vocab_size, (2, LENGTH))
+    base = apply(params, tokens)
+    for s in (0, 7, 8, 30, 39):
+        changed = tokens.copy()
+        changed[:, s] = (changed[:, s] + 1 + rng.randint(cfg.vocab_size - 2)) % (cfg.vocab_size - 1) + 1
+        out = apply(params, changed)
+        np.testing.assert_array_equal(np.asarray(out[:, :s]), np.asarray(base[:, :s]))
+        assert np.abs(np.asarray(out[:, s:] - base[:, s:])).max() > 1e-6  # the change is seen at s
+
+
+def test_packed_equals_unpacked(model):
+    cfg, params, apply = model
+    rng = np.random.RandomState(1)
+    lengths = (13, 21)
+    segs = [rng.randint(1, cfg.vocab_size, n) for n in lengths]
+    row = np.zeros(40, np.int32)
+    seg_ids = np.zeros(40, np.int32)
+    pos = np.zeros(40, np.int32)
+    start = 0
+    for i, s in enumerate(segs):
+        row[start:start + len(s)] = s
+        seg_ids[start:start + len(s)] = i + 1
+        pos[start:start + len(s)] = np.arange(len(s))
+        start += len(s)
+    packed = apply(params, row[None], seg_ids[None], pos[None])[0]
+    start = 0
+    for s in segs:
+        alone = apply(params, s[None])[0]
+        np.testing.assert_allclose(packed[start:start + len(s)], alone, atol=2e-5, rtol=1e-5)
+        start += len(s)
+
+
+def _embedding_jacobian(cfg, length):
+    """|d (r . logits[t]) / d x_embedded[s]| for all t, s, as a [t, s] matrix."""
+    module = network.Olmax(cfg)
+    tokens = jnp.arange(length)[None] % cfg.vocab_size
+    params = module.init(jax.random.PRNGKey(1), tokens, tokens, enable_dropout=False)["params"]
+    r = jax.random.normal(jax.random.PRNGKey(2), (cfg.vocab_size,))
+
+    def f(delta):  # delta: [t, d] added to the embedded inputs through the embedding table
+        p = dict(params)
+        emb = p["embedding"]
+        p["embedding"] = emb
+        x_embedding = jnp.take(emb, tokens[0], axis=0) + delta
+        # Route delta into the network: an embedding table with one row per position.
+        table = jnp.concatenate([x_embedding, jnp.zeros((cfg.vocab_size - length, cfg.features))])
+        p["embedding"] = table
+        logits = module.apply({"params": p}, jnp.arange(length)[None], enable_dropout=False)
+        return logits[0] @ r  # [t]
+
+    jac = jax.jit(jax.jacrev(f))(jnp.zeros((length, cfg.features)))  # [t, s, d]
+    return np.linalg.norm(np.asarray(jac), axis=-1)
+
+
+@pytest.mark.parametrize("mixer", ["axial", "attention"])
+def test_full_causal_receptive_field_at_depth_2(mixer):
+    # Tiny-config sizes: max_length 256, mixer block 16 (16 x 16 grid), depth 2.
+    cfg = dataclasses.replace(BASE, vocab_size=256, max_length=256, mixer_block=16, depth=2, mixer=mixer)
+    norms = _embedding_jacobian(cfg, cfg.max_length)
+    t, s = np.indices(norms.shape)
+    assert np.all(norms[s > t] == 0.0), "a logit depends on a later input"
+    assert norms[s <= t].min() > 1e-7 * norms.max(), f"missing dependencies: {np.argwhere((norms <= 1e-7 * norms.max()) & (s <= t))[:10]}"
+
+
+def test_reversible_gradient_equals_autodiff():
+    cfg = dataclasses.replace(BASE, depth=3, num_experts=4, capacity_factor=1.0, blocks=("conv", "moe", "mixer"))
+    module = network.Olmax(cfg)
+    tok = jnp.ones((2, 40), jnp.int32)
+    params = module.init(jax.random.PRNGKey(0), tok, tok, enable_dropout=False)["params"]
+    stacked = params["decoder"]["layers"]
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 40, cfg.features))
+    seg = jnp.ones((2, 40), jnp.int32).at[1, 25:].set(2)
+    ctx = layers.Context(segment_ids=seg, positions=jnp.broadcast_to(jnp.arange(40), (2, 40)))
+    rngs = jax.random.split(jax.random.PRNGKey(0), cfg.depth)
+    fns = network.layer_fns(cfg)
+    w = jax.random.normal(jax.random.PRNGKey(4), x.shape)
+
+    def loss(p, x, custom):
+        y, aux = reversible.reversible_stack(fns, p, x, ctx, rngs, layers.zero_aux(), custom_gradient=custom)
+        return jnp.sum(y * w) + 3.0 * aux["moe_lb_loss"] + 0.5 * aux["moe_z_loss"]
+
+    (l1, g1) = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, True), argnums=(0, 1)))(stacked, x)
+    (l2, g2) = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, False), argnums=(0, 1)))(stacked, x)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    flat1, flat2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
+    assert len(flat1) == len(flat2) > 10
+    for a, b in zip(flat1, flat2):
+        scale = np.abs(np.asarray(b)).max() + 1e-12
+        np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-5)
+
+
+def _grad_temp_bytes(cfg, batch=4, length=1024):
+    module = network.Olmax(cfg)
+    tok = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    shapes = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t, t, enable_dropout=False), tok)["params"]
+
+    def loss(params, tokens):
+        return jnp.mean(module.apply({"params": params}, tokens, enable_dropout=False) ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(shapes, tok).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_reversible_memory_is_constant_in_depth():
+    cfg = network.OlmaxConfig(vocab_size=256, features=64, conv_features=64, max_length=1024, mixer_block=32)
+    rev = {d: _grad_temp_bytes(dataclasses.replace(cfg, depth=d, reversible=True)) for d in (4, 16)}
+    remat = {d: _grad_temp_bytes(dataclasses.replace(cfg, depth=d, reversible=False)) for d in (4, 16)}
+    print("reversible temp bytes", rev, "ratio", rev[16] / rev[4])
+    print("remat temp bytes", remat, "ratio", remat[16] / remat[4])
+    assert rev[16] <= 1.25 * rev[4]
+    # Remat grows linearly: each extra layer stores its input, one [b, t, d] fp32 tensor.
+    per_layer = (remat[16] - remat[4]) / 12
+    assert 0.9 <= per_layer / (4 * 1024 * 64 * 4) <= 1.5
+    assert rev[16] < remat[16]
+
+
+def test_layer_numpy_references():
+    rng = np.random.RandomState(0)
+    b, t, d, k = 2, 19, 4, 3
+    x = rng.randn(b, t, d).astype(np.float32)
+    kernel = rng.randn(k, d, 5).astype(np.float32)
+    seg = np.ones((b, t), np.int32)
+    seg[1, 9:] = 2
+    ctx = layers.Context(segment_ids=jnp.asarray(seg), positions=jnp.zeros((b, t), jnp.int32))
+    ref = np.zeros((b, t, 5), np.float32)
+    for bi in range(b):
+        for ti in range(t):
+            for lag in range(k):
+                if ti - lag >= 0 and seg[bi, ti - lag] == seg[bi, ti]:
+                    ref[bi, ti] += x[bi, ti - lag] @ kernel[k - 1 - lag]
+    np.testing.assert_allclose(layers.causal_conv(jnp.asarray(x), jnp.asarray(kernel), ctx), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_axial_mixer_matches_dense_reference():
+    """The blocked O(N^1.5) computation equals the dense two-stage causal filter."""
+    cfg = dataclasses.replace(BASE, features=4, mixer_heads=2, mixer_block=4, max_length=24, activation="relu")
+    mixer = layers.AxialMixer(cfg)
+    rng = np.random.RandomState(0)
+    t = 22
+    x = rng.randn(1, t, 4).astype(np.float32)
+    seg = np.ones((1, t), np.int32)
+    seg[0, 10:] = 2
+    ctx = layers.Context(segment_ids=jnp.asarray(seg), positions=jnp.zeros((1, t), jnp.int32))
+    params = mixer.init(jax.random.PRNGKey(0), jnp.asarray(x), ctx)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * rng.randn(*p.shape).astype(np.float32), params)
+    out, _ = mixer.apply({"params": params}, jnp.asarray(x), ctx)
+    a, bl, bias = (np.asarray(params[n]) for n in ("block_lags", "offset_lags", "bias"))
+    K, h, c = 4, 2, 2
+    u = np.zeros_like(x)
+    for ti in range(t):
+        for m in range(0, ti // K + 1):
+            si = ti - m * K
+            if seg[0, si] == seg[0, ti]:
+                u[0, ti] += np.repeat(a[m], c) * x[0, si]
+    u = np.maximum(u + bias, 0)
+    ref = np.zeros_like(x)
+    for ti in range(t):
+        for lag in range(K):
+            si = ti - lag
+            if si >= 0 and seg[0, si] == seg[0, ti]:
+                ref[0, ti] += np.repeat(bl[lag], c) * u[0, si]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="mixer='mlp'"):
+        network.OlmaxConfig(mixer="mlp")
+    with pytest.raises(ValueError, match="num_experts"):
+        network.OlmaxConfig(blocks=("conv", "moe"))
+    module = network.Olmax(BASE)
+    tok = jnp.ones((1, BASE.max_length + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_length"):
+        module.init(jax.random.PRNGKey(0), tok, tok)
