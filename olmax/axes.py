@@ -79,7 +79,7 @@ def logical_axes(variables: Any) -> Any:
             "No 'params_axes' collection: pass the variables returned by module.init(...) "
             "(not only variables['params']) so that the logical axis names are available."
         )
-    return nn_partitioning.get_axis_names(variables["params_axes"])
+    return flax.core.unfreeze(nn_partitioning.get_axis_names(variables["params_axes"]))
 
 
 def logical_names(spec: Any) -> tuple[str, ...]:

@@ -1,0 +1,131 @@
+"""Checkpoints with orbax: async saves, keep the last N, resume, and never load a bad one.
+
+A checkpoint is a directory `<model_dir>/<step>/` holding two orbax items:
+  state: the train state pytree (step, params, opt_state), sharded arrays;
+  meta:  JSON: the model config, parameter shapes, vocabulary size and data position.
+Orbax writes into a temporary directory and renames it when complete, so a process
+killed mid-save leaves no step directory that looks finished. A checkpoint that
+still fails to load (truncated files, wrong shapes) is skipped with a warning and
+the previous one is used; a config mismatch stops with an error naming both sides.
+Nothing here unpickles: orbax stores arrays with tensorstore and metadata as JSON.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from olmax import utils
+
+
+def tree_shapes(tree: Any) -> dict[str, list[int]]:
+    return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+class Checkpointer:
+    """Saves and restores the train state under `directory`.
+
+    Args:
+      directory: MODEL_DIR (local path or any path orbax/etils supports, e.g. gs://).
+      save_cfg: period / keep / async; None makes a read-only checkpointer.
+      meta: JSON-able description of the run, compared on restore ('shapes',
+        'vocab_size' must match; the rest is informational).
+    """
+
+    def __init__(self, directory: str, save_cfg: utils.SaveCheckpointConfig | None, meta: dict):
+        self.directory = os.fspath(directory)
+        self.save_cfg = save_cfg
+        self.meta = meta
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=save_cfg.keep if save_cfg else None,
+            enable_async_checkpointing=bool(save_cfg and save_cfg.async_save),
+            read_only=save_cfg is None,
+            create=save_cfg is not None,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        return bool(self.save_cfg) and step % self.save_cfg.period == 0
+
+    def save(self, step: int, state: Any, extra_meta: dict | None = None) -> None:
+        """Starts an (async) save of `state` at `step`; returns before it completes."""
+        meta = dict(self.meta, step=int(step), **(extra_meta or {}))
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def check_compatible(self, step: int, meta: dict) -> None:
+        """Raises CheckpointMismatchError when the checkpoint at `step` cannot hold this model."""
+        where = os.path.join(self.directory, str(step))
+        if meta.get("vocab_size") != self.meta.get("vocab_size"):
+            raise CheckpointMismatchError(
+                f"Checkpoint {where} was trained with vocab_size={meta.get('vocab_size')} but the model has "
+                f"vocab_size={self.meta.get('vocab_size')}; use the same vocabulary and OlmaxConfig.vocab_size."
+            )
+        saved, want = meta.get("shapes", {}), self.meta.get("shapes", {})
+        for name in sorted(set(saved) | set(want)):
+            if saved.get(name) != want.get(name):
+                raise CheckpointMismatchError(
+                    f"Checkpoint {where} does not match the model: parameter {name} has shape "
+                    f"{saved.get(name)} in the checkpoint and {want.get(name)} in the model "
+                    "(missing = None). Use the gin model file the checkpoint was trained with."
+                )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores `step` into the shapes/shardings of `abstract_state` (ShapeDtypeStructs)."""
+        meta = self.read_meta(step)
+        self.check_compatible(step, meta)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored["state"], meta
+
+    def restore_latest(self, abstract_state: Any, max_step: int | None = None) -> tuple[Any, dict] | None:
+        """The newest checkpoint that loads; skips (with a warning) any that does not.
+
+        A config mismatch is not skipped: it means the wrong model, not a bad file.
+        """
+        for step in reversed(self.all_steps()):
+            if max_step is not None and step > max_step:
+                continue
+            try:
+                return self.restore(step, abstract_state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001  a truncated or corrupt checkpoint
+                logging.warning(
+                    "Checkpoint %s/%d could not be loaded (%s: %s); trying the previous one.",
+                    self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                )
+        return None
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with the given shardings, the restore target orbax needs."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

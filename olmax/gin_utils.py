@@ -1,0 +1,135 @@
+"""Command-line handling shared by the binaries: T5X's Gin flags, with fewer sharp edges.
+
+Flags (as in T5X): --gin_file (repeatable, later wins), --gin_bindings (repeatable),
+--gin.KEY=VALUE (shorthand for a binding), --gin_search_paths.
+
+Where T5X is awkward we are lenient in one way only: a --gin.KEY=VALUE whose VALUE
+is not a Python literal, a gin reference (@x) or a macro (%X) is taken as a string,
+so `--gin.MODEL_DIR=runs/q` works as well as `--gin.MODEL_DIR="'runs/q'"`.
+Gin errors (typos, unknown configurables) are re-raised naming the file and line.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import re
+import sys
+from typing import Sequence
+
+import gin
+from absl import flags
+
+_GIN_FLAG = re.compile(r"^--gin\.([^=]+)=(.*)$", re.S)
+
+
+def define_flags() -> None:
+    """The T5X gin flags plus multi-host flags (idempotent)."""
+    if "gin_file" in flags.FLAGS:
+        return
+    flags.DEFINE_multi_string("gin_file", [], "Gin files, in order (later files override earlier ones).")
+    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'MODEL_DIR = \"runs/x\"'.")
+    flags.DEFINE_list("gin_search_paths", [], "Extra directories to look up --gin_file and gin includes in.")
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory for TFDS-backed tasks.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host, when not auto-detected).")
+    flags.DEFINE_integer("process_count", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_index", None, "This process's index (multi-host).")
+
+
+def package_gin_dir() -> str:
+    """The directory holding Olmax's gin files: olmax/gin in a pip install (package
+    data), <checkout>/gin in a checkout. Not an importable package on purpose: a
+    `gin/__init__.py` would shadow gin-config for anything run from the checkout."""
+    package = pathlib.Path(__file__).resolve().parent
+    for candidate in (package / "gin", package.parent / "gin"):
+        if (candidate / "quickstart.gin").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"Olmax's gin files are missing (looked in {package / 'gin'} and {package.parent / 'gin'}).")
+
+
+def default_search_paths() -> list[str]:
+    # `gin/models/tiny.gin` resolves against the checkout or the installed package root.
+    return [os.getcwd(), os.path.dirname(package_gin_dir()), package_gin_dir()]
+
+
+def _as_gin_value(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or stripped[0] in "@%" or stripped in ("None", "True", "False"):
+        return stripped
+    try:
+        ast.literal_eval(stripped)
+        return stripped
+    except (ValueError, SyntaxError):
+        return repr(stripped)
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """--gin.KEY=VALUE -> --gin_bindings='KEY = VALUE' (absl does not know dotted flags)."""
+    out = []
+    for arg in argv:
+        m = _GIN_FLAG.match(arg)
+        if m:
+            out.append(f"--gin_bindings={m.group(1)} = {_as_gin_value(m.group(2))}")
+        else:
+            out.append(arg)
+    return out
+
+
+def parse(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
+    """Parses files then bindings; errors name the file and line (or the binding)."""
+    for path in list(search_paths) + default_search_paths():
+        gin.add_config_file_search_path(path)
+    if not gin_files:
+        raise ValueError("No --gin_file given; start from e.g. --gin_file=gin/quickstart.gin.")
+    for f in gin_files:
+        _check_exists(f, list(search_paths))
+    try:
+        gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
+    except Exception as e:  # gin raises several types; all are user config errors here
+        raise GinConfigError(describe_gin_error(e, gin_files, gin_bindings)) from e
+
+
+class GinConfigError(ValueError):
+    pass
+
+
+def describe_gin_error(e: Exception, gin_files: Sequence[str], gin_bindings: Sequence[str]) -> str:
+    msg = str(e)
+    if "In file" in msg or "In bindings string" in msg:
+        return f"Gin configuration error: {msg}"
+    location = getattr(e, "location", None)
+    if location is not None and getattr(location, "filename", None):
+        return f"Gin configuration error in {location.filename}, line {location.lineno}: {msg}"
+    return f"Gin configuration error (files: {list(gin_files)}, bindings: {list(gin_bindings)}): {msg}"
+
+
+def _check_exists(path: str, search_paths: list[str]) -> None:
+    if os.path.exists(path):
+        return
+    for base in search_paths + default_search_paths():
+        if os.path.exists(os.path.join(base, path)):
+            return
+    raise FileNotFoundError(
+        f"Gin file {path!r} not found in the working directory or the search paths "
+        f"{search_paths + default_search_paths()}; Olmax's own files are under {package_gin_dir()}."
+    )
+
+
+def run(main, argv: Sequence[str] | None = None) -> None:
+    """absl.app.run with --gin.KEY=VALUE support."""
+    from absl import app
+
+    define_flags()
+    argv = rewrite_gin_args(sys.argv if argv is None else argv)
+    app.run(main, argv=argv)
+
+
+def parse_from_flags() -> None:
+    import olmax_tasks  # noqa: F401  registers the tasks and their gin configurables
+
+    fl = flags.FLAGS
+    if fl.tfds_data_dir:
+        import seqio
+
+        seqio.set_tfds_data_dir_override(fl.tfds_data_dir)
+    parse(fl.gin_file, fl.gin_bindings, fl.gin_search_paths)

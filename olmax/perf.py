@@ -1,0 +1,74 @@
+"""Model FLOPs per token and peak FLOP/s, for MFU.
+
+MFU = model FLOPs per token x tokens/s / (peak FLOP/s x devices). Model FLOPs count
+the math the architecture needs (3 x forward for a training step: forward, and a
+backward twice as costly); the reversible stack's recomputation and remat are not
+counted, as usual for MFU.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from olmax import network
+
+# Dense bf16 peak FLOP/s per chip from vendor datasheets.
+DATASHEET_PEAK = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
+    """Multiply-adds x 2 of one token's forward pass at sequence length `length`."""
+    d = cfg.features
+    per_layer = 0.0
+    for kind in cfg.layer_blocks:
+        if kind == "conv":
+            per_layer += 2 * 2 * cfg.conv_kernel * d * cfg.conv_features
+        elif kind == "moe":
+            per_layer += 2 * d * cfg.num_experts + cfg.expert_top_k * 2 * 2 * d * cfg.expert_features
+        elif cfg.mixer == "axial":
+            n_blocks = -(-length // cfg.mixer_block)
+            per_layer += 2 * d * (n_blocks + 2 * cfg.mixer_block)  # token mixing (both axes)
+        else:
+            per_layer += 2 * 4 * d * d + 2 * 2 * length * d  # projections + scores and values
+    return cfg.depth * per_layer + 2 * d * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
+    return 3.0 * forward_flops_per_token(cfg, length)
+
+
+def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """FLOP/s of a large matmul on the default device (the CPU 'peak')."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    if override:
+        return float(override), "configured"
+    kind = jax.devices()[0].device_kind
+    for name, peak in DATASHEET_PEAK.items():
+        if kind.startswith(name):
+            return peak, f"datasheet ({kind})"
+    return measure_matmul_peak(), f"measured fp32 matmul ({kind})"

@@ -1,0 +1,118 @@
+"""Gin-facing configs (T5X names) and the input pipeline: seqio task -> global batches.
+
+`DatasetConfig`, `SaveCheckpointConfig` and `RestoreCheckpointConfig` carry the
+same fields T5X's do, so run files read the same. Each process reads only its
+shard of the data (seqio.ShardInfo by process index) and contributes its rows to
+the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Mapping, Sequence
+
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+import olmax_tasks
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """What to read: a seqio task or mixture, a split, lengths and the global batch size."""
+
+    mixture_or_task_name: str = gin.REQUIRED
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED
+    split: str = "train"
+    batch_size: int = gin.REQUIRED  # global, over all processes
+    shuffle: bool = True
+    seed: int | None = 0
+    use_cached: bool = False
+    pack: bool = True
+    module: str | Sequence[str] | None = None  # MIXTURE_OR_TASK_MODULE
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SaveCheckpointConfig:
+    period: int = 1000  # save every `period` steps (and at the end)
+    keep: int | None = 3  # keep the last `keep` checkpoints (None: all)
+    async_save: bool = True
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RestoreCheckpointConfig:
+    """Where to start from. `path` None: the latest checkpoint in MODEL_DIR, if any."""
+
+    path: str | None = None  # a checkpoint directory (…/<step>) or a directory of them
+    step: int | None = None
+    mode: str = "latest"  # "latest", "specific" (path/step) or "all" (eval: every checkpoint)
+    strict: bool = True  # shapes and vocabulary must match the model
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save: SaveCheckpointConfig | None = SaveCheckpointConfig()
+    restore: RestoreCheckpointConfig | None = RestoreCheckpointConfig()
+
+
+def get_task(cfg: DatasetConfig):
+    olmax_tasks.import_task_module(cfg.module)
+    return olmax_tasks.get_task_or_mixture(cfg.mixture_or_task_name)
+
+
+def get_dataset(
+    cfg: DatasetConfig,
+    data_parallel_size: int = 1,
+    num_epochs: int | None = None,
+    skip_batches: int = 0,
+) -> tf.data.Dataset:
+    """This process's batches: dicts of [global_batch / process_count, length] int32.
+
+    With `shuffle` the order depends only on `seed`, so skipping `skip_batches`
+    reproduces the position of a run that consumed that many batches (resume).
+    """
+    if cfg.batch_size % max(1, data_parallel_size):
+        raise ValueError(
+            f"BATCH_SIZE={cfg.batch_size} is not divisible by the data-parallel size "
+            f"{data_parallel_size}; use a multiple of {data_parallel_size} or change num_partitions."
+        )
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if cfg.batch_size % process_count:
+        raise ValueError(f"BATCH_SIZE={cfg.batch_size} must be divisible by the {process_count} processes.")
+    task = get_task(cfg)
+    shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
+    ds = task.get_dataset(
+        sequence_length=dict(cfg.task_feature_lengths),
+        split=cfg.split,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        use_cached=cfg.use_cached,
+        shard_info=shard,
+        num_epochs=num_epochs,
+    )
+    converter = seqio.DecoderFeatureConverter(pack=cfg.pack)
+    ds = converter(ds, dict(cfg.task_feature_lengths))
+    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    for batch in ds.as_numpy_iterator():
+        yield {k: np.asarray(v, np.int32) for k, v in batch.items()}
+
+
+def check_lengths(cfg: DatasetConfig, max_length: int) -> None:
+    length = cfg.task_feature_lengths.get("targets")
+    if length is not None and length > max_length:
+        raise ValueError(
+            f"TASK_FEATURE_LENGTHS targets={length} exceeds the model's max_length={max_length}; "
+            f"lower it or set network.OlmaxConfig.max_length >= {length}."
+        )
