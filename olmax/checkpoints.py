@@ -97,13 +97,22 @@ class Checkpointer:
                     "(missing = None). Use the gin model file the checkpoint was trained with."
                 )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores `step` into the shapes/shardings of `abstract_state` (ShapeDtypeStructs)."""
+    def restore(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[Any, dict]:
+        """Restores `step` into the shapes/shardings of `abstract_state` (ShapeDtypeStructs).
+
+        partial: `abstract_state` names a subset of the saved tree (e.g. params only).
+        """
         meta = self.read_meta(step)
         self.check_compatible(step, meta)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
+        if partial:
+            args = ocp.args.PyTreeRestore(
+                item=abstract_state,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                partial_restore=True,
+            )
+        else:
+            args = ocp.args.StandardRestore(abstract_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
         return restored["state"], meta
 
     def restore_latest(self, abstract_state: Any, max_step: int | None = None) -> tuple[Any, dict] | None:

@@ -11,6 +11,7 @@ Gin errors (typos, unknown configurables) are re-raised naming the file and line
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import pathlib
 import re
@@ -75,12 +76,23 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def parse(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-    """Parses files then bindings; errors name the file and line (or the binding)."""
+def parse(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = (),
+          run_file: str | None = None) -> None:
+    """Parses `run_file`, then the files, then the bindings.
+
+    Each binary reads its own run file (gin/runs/{pretrain,eval,infer}.gin) first, so
+    `--gin_file=gin/quickstart.gin` alone is a complete eval or infer command, and an
+    experiment file's macros are never reset by a run file parsed after it. Errors
+    name the file and line (or the binding).
+    """
     for path in list(search_paths) + default_search_paths():
         gin.add_config_file_search_path(path)
     if not gin_files:
         raise ValueError("No --gin_file given; start from e.g. --gin_file=gin/quickstart.gin.")
+    if run_file:
+        gin_files = [os.path.join(package_gin_dir(), run_file)] + [
+            f for f in gin_files if os.path.normpath(f) != os.path.normpath(os.path.join("gin", run_file))
+        ]
     for f in gin_files:
         _check_exists(f, list(search_paths))
     try:
@@ -115,16 +127,28 @@ def _check_exists(path: str, search_paths: list[str]) -> None:
     )
 
 
+class _LibraryNoise(logging.Filter):
+    """Drops the INFO chatter of orbax (per-save timings) and gin's file search
+    ("Path not found" while it tries each search path); warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and "resource_reader" not in record.pathname:
+            return True
+        noisy = ("/orbax/", "resource_reader", "/seqio/", "xla_bridge", "/etils/")
+        return not any(n in record.pathname for n in noisy)
+
+
 def run(main, argv: Sequence[str] | None = None) -> None:
     """absl.app.run with --gin.KEY=VALUE support."""
     from absl import app
 
+    logging.getLogger("absl").addFilter(_LibraryNoise())
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
     app.run(main, argv=argv)
 
 
-def parse_from_flags() -> None:
+def parse_from_flags(run_file: str | None = None) -> None:
     import olmax_tasks  # noqa: F401  registers the tasks and their gin configurables
 
     fl = flags.FLAGS
@@ -132,4 +156,4 @@ def parse_from_flags() -> None:
         import seqio
 
         seqio.set_tfds_data_dir_override(fl.tfds_data_dir)
-    parse(fl.gin_file, fl.gin_bindings, fl.gin_search_paths)
+    parse(fl.gin_file, fl.gin_bindings, fl.gin_search_paths, run_file)

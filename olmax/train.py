@@ -391,7 +391,7 @@ def main(argv):
     from olmax import multihost
 
     multihost.initialize_from_flags()
-    gin_utils.parse_from_flags()
+    gin_utils.parse_from_flags(run_file="runs/pretrain.gin")
     train()
 
 
