@@ -142,13 +142,18 @@ def run(main, argv: Sequence[str] | None = None) -> None:
     """absl.app.run with --gin.KEY=VALUE support."""
     from absl import app
 
-    logging.getLogger("absl").addFilter(_LibraryNoise())
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
     app.run(main, argv=argv)
 
 
+def quiet_library_logs() -> None:
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(_LibraryNoise())
+
+
 def parse_from_flags(run_file: str | None = None) -> None:
+    quiet_library_logs()
     import olmax_tasks  # noqa: F401  registers the tasks and their gin configurables
 
     fl = flags.FLAGS
