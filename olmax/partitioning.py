@@ -85,7 +85,7 @@ class PjitPartitioner:
     @contextlib.contextmanager
     def activate(self):
         """Mesh + logical rules in scope: activation constraints in the model apply."""
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
     def sharding(self, spec: PartitionSpec) -> NamedSharding:

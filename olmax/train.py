@@ -67,7 +67,7 @@ def make_train_step(model: models.DecoderOnlyLM, tx: optax.GradientTransformatio
         grads, metrics = grads_of(state["params"], batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         metrics = dict(metrics, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
         if clip_metric is not None:
@@ -190,19 +190,20 @@ class TrainSetup:
         self.random_seed = random_seed
         self._init_fn = init_fn
 
-    def init_state(self) -> dict:
-        def init(rng):
-            params = self._init_fn(rng)["params"]
-            state = {"step": jnp.zeros((), jnp.int32), "params": params}
-            if self.tx is not None:
-                state["opt_state"] = self.tx.init(params)
-            return state
+    def _init(self, rng) -> dict:
+        params = self._init_fn(rng)["params"]
+        state = {"step": jnp.zeros((), jnp.int32), "params": params}
+        if self.tx is not None:
+            state["opt_state"] = self.tx.init(params)
+        return state
 
+    def init_state(self) -> dict:
+        """A fresh train state, created directly in its shardings."""
         with self.partitioner.activate():
-            return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.random_seed))
+            return jax.jit(self._init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.random_seed))
 
     def abstract_state(self) -> dict:
-        shapes = jax.eval_shape(self.init_state)
+        shapes = jax.eval_shape(self._init, jax.random.PRNGKey(self.random_seed))
         return checkpoints.abstract_like(shapes, self.state_shardings)
 
     def checkpointer(self, directory: str, save_cfg) -> checkpoints.Checkpointer:

@@ -1,0 +1,61 @@
+"""Sharded on 8 simulated CPU devices == one device; partitioner errors."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from olmax import models, network, optim, partitioning, train
+
+CFG = network.OlmaxConfig(vocab_size=128, features=32, depth=2, max_length=32, conv_features=64, conv_kernel=3,
+                          mixer_block=8, mixer_heads=4, num_heads=4, num_experts=4, expert_features=32,
+                          capacity_factor=2.0, blocks=("conv", "moe", "mixer"))
+
+
+def _losses(mesh_shape, steps=3):
+    devices = jax.devices() if mesh_shape else jax.devices()[:1]
+    partitioner = partitioning.PjitPartitioner(mesh_shape=mesh_shape, devices=devices)
+    model = models.DecoderOnlyLM(network.Olmax(CFG))
+    factory = lambda axes: optim.create_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10, axes=axes)
+    setup = train.TrainSetup(model, partitioner, (8, 32), factory)
+    state = setup.init_state()
+    step = jax.jit(train.make_train_step(model, setup.tx, 1, 0, None),
+                   in_shardings=(setup.state_shardings, partitioner.data_sharding),
+                   out_shardings=(setup.state_shardings, partitioner.replicated))
+    rng = np.random.RandomState(0)
+    losses = []
+    for _ in range(steps):
+        tokens = rng.randint(1, CFG.vocab_size, (8, 33)).astype(np.int32)
+        batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+                 "decoder_loss_weights": np.ones((8, 32), np.float32)}
+        with partitioner.activate():
+            state, metrics = step(state, partitioner.global_batch(batch))
+        losses.append(float(metrics["loss"]))
+    sharding = jax.tree.leaves(state["params"])[0].sharding
+    return np.array(losses), state, sharding
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _losses(None)
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 4, "model": 2}, {"data": 8, "model": 1}])
+def test_sharded_losses_equal_single_device(single, mesh_shape):
+    assert jax.device_count() == 8
+    ref, ref_state, _ = single
+    losses, state, _ = _losses(mesh_shape)
+    np.testing.assert_allclose(losses, ref, rtol=2e-5)
+    assert losses[-1] < losses[0]
+    if mesh_shape["model"] > 1:  # parameters really are split over `model`
+        wi = state["params"]["decoder"]["layers"]["conv_0"]["conv"]["wi"]
+        assert wi.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "model")
+        assert len(wi.addressable_shards) == 8 and wi.addressable_shards[0].data.shape[-1] == CFG.conv_features // 2
+
+
+def test_partitioner_errors():
+    with pytest.raises(ValueError, match="divisible by the data-parallel size 4"):
+        partitioning.PjitPartitioner(num_partitions=2).check_batch_size(6)
+    with pytest.raises(ValueError, match="must divide the number of devices"):
+        partitioning.PjitPartitioner(num_partitions=3)
