@@ -128,11 +128,27 @@ class Checkpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001  a truncated or corrupt checkpoint
+                moved = self._set_aside(step)
                 logging.warning(
-                    "Checkpoint %s/%d could not be loaded (%s: %s); trying the previous one.",
-                    self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                    "Checkpoint %s/%d could not be loaded (%s: %s); moved it to %s and trying the previous one.",
+                    self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "", moved,
                 )
         return None
+
+    def _set_aside(self, step: int) -> str:
+        """Renames a bad checkpoint out of the way (kept for inspection, never deleted),
+        so it is not found again and a new save of that step does not collide with it."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt"
+        if self.save_cfg is None or jax.process_index() != 0 or "://" in src:
+            return "(left in place)"
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}.corrupt{n}"
+        os.rename(src, dst)
+        self.manager.reload()
+        return dst
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -131,7 +131,8 @@ class _Preemption:
 def evaluate(model: models.DecoderOnlyLM, params: Any, cfg: utils.DatasetConfig, partitioner, steps: int | None,
              eval_fn=None) -> dict[str, float]:
     """Token-weighted mean metrics over `steps` batches (None: the whole split)."""
-    ds = utils.get_dataset(dataclasses_replace(cfg, shuffle=False), partitioner.data_parallel_size, num_epochs=1)
+    ds = utils.get_dataset(dataclasses_replace(cfg, shuffle=False), partitioner.data_parallel_size, num_epochs=1,
+                           shard=partitioner.data_shard(cfg.batch_size))
     if eval_fn is None:
         eval_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1])
     totals: dict[str, float] = {}
@@ -291,7 +292,8 @@ def train(
     total_peak = peak if jax.devices()[0].platform == "cpu" else peak * n_devices  # CPU "devices" share the cores
     logging.info("MFU reference: %.3g FLOP/s (%s); %.3g model FLOPs per token", total_peak, peak_source, flops_per_token)
 
-    data = utils.batches(utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size, skip_batches=start))
+    data = utils.batches(utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size, skip_batches=start,
+                                           shard=partitioner.data_shard(train_dataset_cfg.batch_size)))
     pending: list[dict] = []
     last_metrics: dict = {}
     nonfinite_run = 0
@@ -306,7 +308,11 @@ def train(
             try:
                 local = next(data)
             except StopIteration:
-                raise ValueError(f"The training data of {train_dataset_cfg.mixture_or_task_name} ran out at step {step}.")
+                what = "is empty (or smaller than one batch)" if step == start + 1 and not start else f"ran out at step {step}"
+                raise ValueError(
+                    f"The '{train_dataset_cfg.split}' split of {train_dataset_cfg.mixture_or_task_name} {what}; "
+                    f"BATCH_SIZE={train_dataset_cfg.batch_size}. Check the data files or lower the batch size."
+                ) from None
             with partitioner.activate():
                 state, metrics = train_step(state, partitioner.global_batch(local))
             pending.append(metrics)

@@ -1,0 +1,206 @@
+"""Reliability: preemption, exact resume after a crash, non-finite steps, corrupt checkpoints, bad input."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from olmax import checkpoints, models, network, optim, partitioning, train, utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--gin_file=gin/quickstart.gin",
+    "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
+    "--gin.BATCH_SIZE=2",
+    "--gin.train.train.stats_period=1",
+    "--gin.train.train.eval_period=0",
+    "--gin.utils.SaveCheckpointConfig.period=4",
+    "--gin.utils.SaveCheckpointConfig.keep=None",
+    "--gin.optim.create_optimizer.warmup_steps=2",
+    "--gin.network.OlmaxConfig.depth=2",
+    "--gin.network.OlmaxConfig.features=32",
+    "--gin.network.OlmaxConfig.conv_features=32",
+]
+ENV = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def start(model_dir, steps, *extra):
+    return subprocess.Popen([sys.executable, "-m", "olmax.train", *TINY, f"--gin.MODEL_DIR={model_dir}",
+                             f"--gin.TRAIN_STEPS={steps}", *extra], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for_line(proc, needle, timeout=240):
+    """Reads the child's output until `needle` appears; returns what was read."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
+
+
+def saved_params(model_dir, step):
+    path = os.path.join(model_dir, str(step), "state")
+    return ocp.StandardCheckpointer().restore(path)["params"]
+
+
+def assert_bitwise_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("straight"))
+    code, out = finish(start(model_dir, 12))
+    assert code == 0, out[-3000:]
+    return model_dir
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    """Preempted (SIGTERM) at step 5, killed (SIGKILL) at a random later step, resumed:
+    the final parameters equal, bit for bit, those of a run never interrupted."""
+    model_dir = str(tmp_path / "interrupted")
+    proc = start(model_dir, 12)
+    wait_for_line(proc, "step 5/12")
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 0 and "SIGTERM" in out, out[-3000:]
+    stopped = max(int(d) for d in os.listdir(model_dir) if d.isdigit())
+    assert 5 <= stopped < 12  # saved where SIGTERM arrived, off the save period
+
+    kill_at = random.Random(os.getpid()).randint(min(stopped + 1, 11), 11)
+    proc = start(model_dir, 12)
+    out = wait_for_line(proc, f"step {kill_at}/12")
+    assert f"Restored step {stopped}" in out
+    proc.kill()
+    proc.wait()
+    # Saves are async: only finalized step directories count (orbax renames a
+    # `<step>.orbax-checkpoint-tmp` directory into place when it is complete).
+    complete = max(int(d) for d in os.listdir(model_dir) if d.isdigit())
+    code, out = finish(start(model_dir, 12))
+    assert code == 0 and f"Restored step {complete}" in out, out[-3000:]
+    assert_bitwise_equal(saved_params(model_dir, 12), saved_params(uninterrupted, 12))
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+    model_dir = str(tmp_path / "corrupt")
+    shutil.copytree(uninterrupted, model_dir)
+    for step in (12,):
+        shutil.rmtree(os.path.join(model_dir, str(step)))  # as if never written
+    # Truncate every data file of step 8 (the process died while writing them).
+    for root, _, files in os.walk(os.path.join(model_dir, "8", "state")):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.getsize(path) > 64:
+                with open(path, "r+b") as fh:
+                    fh.truncate(16)
+    code, out = finish(start(model_dir, 12))
+    assert code == 0, out[-3000:]
+    assert "could not be loaded" in out and "Restored step 4" in out
+    assert os.path.isdir(os.path.join(model_dir, "8.corrupt"))  # kept, not deleted
+    assert_bitwise_equal(saved_params(model_dir, 12), saved_params(uninterrupted, 12))
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_shape_is_refused(uninterrupted, tmp_path):
+    model_dir = str(tmp_path / "other")
+    shutil.copytree(uninterrupted, model_dir)
+    code, out = finish(start(model_dir, 14, "--gin.network.OlmaxConfig.features=64"))
+    assert code != 0
+    assert "does not match the model" in out and "[2, 5, 32, 32] in the checkpoint and [2, 5, 64, 32] in the model" in out
+
+
+@pytest.mark.slow
+def test_repeated_nonfinite_steps_stop_the_run(tmp_path):
+    code, out = finish(start(str(tmp_path / "nan"), 12, "--gin.optim.create_optimizer.learning_rate=1e30",
+                             "--gin.optim.create_optimizer.clipping=None", "--gin.train.train.max_consecutive_nonfinite=3"))
+    assert code != 0 and "consecutive steps had a non-finite loss" in out
+
+
+CFG = network.OlmaxConfig(vocab_size=64, features=16, depth=2, max_length=16, conv_features=16, conv_kernel=3,
+                          mixer_block=4, mixer_heads=2, num_heads=2)
+
+
+def test_nonfinite_gradient_skips_the_step():
+    model = models.DecoderOnlyLM(network.Olmax(CFG))
+    partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
+    setup = train.TrainSetup(model, partitioner, (2, 16), lambda axes: optim.create_optimizer(axes=axes, warmup_steps=1))
+    state = setup.init_state()
+    step = jax.jit(train.make_train_step(model, setup.tx, 1, 0, None))
+    tokens = np.arange(34).reshape(2, 17) % 60 + 1
+    good = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+            "decoder_loss_weights": np.ones((2, 16), np.float32)}
+    bad = dict(good, decoder_loss_weights=good["decoder_loss_weights"].copy())
+    bad["decoder_loss_weights"][0, 3] = np.nan  # one poisoned weight: NaN loss and gradients
+    before = jax.device_get(state)
+    after, metrics = step(state, bad)
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(after)
+    assert int(after["step"]) == int(before["step"]) + 1  # the batch is consumed
+    assert_bitwise_equal(after["params"], before["params"])
+    assert_bitwise_equal(after["opt_state"], before["opt_state"])
+    after2, metrics = step(jax.device_put(after), good)
+    assert float(metrics["skipped"]) == 0.0
+    # A finite step does update the optimizer state (the first step's learning rate is 0 in warmup).
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(after2)["opt_state"], before["opt_state"])
+    assert any(jax.tree.leaves(changed))
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="exceeds the model's max_length=16"):
+        utils.check_lengths(utils.DatasetConfig("olmax_stdlib", {"targets": 17}, batch_size=2), CFG.max_length)
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
+        utils.get_dataset(utils.DatasetConfig("olmax_stdlib", {"targets": 8}, batch_size=12), data_parallel_size=8)
+    with pytest.raises(ValueError, match="olmax_stdlib"):  # unknown names list the registered ones
+        utils.get_dataset(utils.DatasetConfig("olmax_stdlb", {"targets": 8}, batch_size=2))
+    import olmax_tasks
+
+    olmax_tasks.register_text_files_task("missing_files_task", train_patterns=["/nonexistent/dir/*.txt"])
+    with pytest.raises(FileNotFoundError, match="/nonexistent/dir/\\*.txt"):
+        ds = utils.get_dataset(utils.DatasetConfig("missing_files_task", {"targets": 8}, batch_size=2))
+        next(iter(ds))
+
+
+def test_empty_split_is_reported(tmp_path):
+    import olmax_tasks
+
+    (tmp_path / "a.txt").write_text("tiny")
+    olmax_tasks.register_text_files_task("tiny_task", train_patterns=[str(tmp_path / "a.txt")],
+                                         validation_patterns=[str(tmp_path / "a.txt")])
+    model = models.DecoderOnlyLM(network.Olmax(CFG))
+    partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
+    params = train.TrainSetup(model, partitioner, (64, 16)).init_state()["params"]
+    with pytest.raises(ValueError, match="empty or smaller than one batch"):
+        train.evaluate(model, params, utils.DatasetConfig("tiny_task", {"targets": 16}, split="validation", batch_size=64),
+                       partitioner, steps=None)
+
+
+def test_nothing_unpickles():
+    for root, _, files in os.walk(os.path.join(REPO, "olmax")):
+        for f in files:
+            if f.endswith(".py"):
+                text = open(os.path.join(root, f)).read()
+                assert "pickle" not in text and "allow_pickle=True" not in text, f
