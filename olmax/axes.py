@@ -89,3 +89,20 @@ def logical_names(spec: Any) -> tuple[str, ...]:
 
 def is_spec(x: Any) -> bool:
     return isinstance(x, jax.sharding.PartitionSpec)
+
+
+def param_axes(config, length: int = 16) -> Any:
+    """Logical PartitionSpecs of an Olmax model's params, from its config alone.
+
+    For callers that only see parameters (e.g. an optimizer built by upstream T5X's
+    Gin files): `optim.adaptive_grad_clip.axes = @axes.param_axes()` with
+    `axes.param_axes.config = @network.OlmaxConfig()`. Abstract: allocates nothing.
+    """
+    import jax.numpy as jnp
+
+    from olmax import network  # network imports layers which would import this module
+
+    module = network.Olmax(config)
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    variables = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t, t, enable_dropout=False), tokens)
+    return logical_axes(variables)
