@@ -116,9 +116,52 @@ class PjitPartitioner:
             is_leaf=lambda x: isinstance(x, NamedSharding),
         )
 
+    def data_shard(self, batch_size: int) -> tuple[int, int]:
+        """(index, count): the slice of every global batch this process reads and feeds.
+
+        Processes whose devices hold the same rows of the batch (a `model` axis that
+        spans hosts) read the same shard; with one process this is (0, 1).
+        """
+        rows: dict[int, set[tuple[int, int]]] = {}
+        for device, index in self.data_sharding.devices_indices_map((batch_size,)).items():
+            start, stop, _ = index[0].indices(batch_size)
+            rows.setdefault(device.process_index, set()).add((start, stop))
+        return shard_of_process(rows, jax.process_index(), batch_size)
+
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows -> global arrays sharded over `data` (multi-host safe)."""
+        """This process's rows (its `data_shard`) -> global arrays sharded over `data` (multi-host safe)."""
         return {
             k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(v))
             for k, v in local_batch.items()
         }
+
+
+def shard_of_process(rows: dict[int, set[tuple[int, int]]], process: int, batch_size: int) -> tuple[int, int]:
+    """(index, count) of `process`'s block of rows, given each process's device row ranges.
+
+    Every process must hold one contiguous block of the batch, all blocks the same
+    size (what `jax.make_array_from_process_local_data` assembles), e.g. a mesh whose
+    devices are ordered by process, as `jax.devices()` is.
+    """
+    spans = {}
+    for p, ranges in rows.items():
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        covered = set()
+        for start, stop in ranges:
+            covered.update(range(start, stop))
+        if len(covered) != hi - lo:
+            raise ValueError(
+                f"Process {p} holds rows {sorted(ranges)} of the batch of {batch_size}: not one contiguous "
+                "block. Order the mesh's devices by process (as jax.devices() is) so each host feeds one slice."
+            )
+        spans[p] = (lo, hi)
+    if process not in spans:
+        raise ValueError(f"Process {process} has no device in the mesh; the mesh must span every process's devices.")
+    blocks = sorted(set(spans.values()))
+    size = blocks[0][1] - blocks[0][0]
+    if any(hi - lo != size for lo, hi in blocks) or size * len(blocks) != batch_size:
+        raise ValueError(
+            f"The processes hold overlapping or unequal blocks {blocks} of the batch of {batch_size}; "
+            "each host must feed an equal, disjoint slice. Check the mesh's device order."
+        )
+    return blocks.index(spans[process]), len(blocks)

@@ -71,10 +71,13 @@ def get_dataset(
     data_parallel_size: int = 1,
     num_epochs: int | None = None,
     skip_batches: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
-    """This process's batches: dicts of [global_batch / process_count, length] int32.
+    """This process's batches: dicts of [global_batch / shard count, length] int32.
 
-    With `shuffle` the order depends only on `seed`, so skipping `skip_batches`
+    `shard` is (index, count), `PjitPartitioner.data_shard`: the slice of each
+    global batch this process feeds (default: one shard per process). With
+    `shuffle` the order depends only on `seed`, so skipping `skip_batches`
     reproduces the position of a run that consumed that many batches (resume).
     """
     if cfg.batch_size % max(1, data_parallel_size):
@@ -82,23 +85,23 @@ def get_dataset(
             f"BATCH_SIZE={cfg.batch_size} is not divisible by the data-parallel size "
             f"{data_parallel_size}; use a multiple of {data_parallel_size} or change num_partitions."
         )
-    process_count, process_index = jax.process_count(), jax.process_index()
-    if cfg.batch_size % process_count:
-        raise ValueError(f"BATCH_SIZE={cfg.batch_size} must be divisible by the {process_count} processes.")
+    shard_index, shard_count = shard if shard is not None else (jax.process_index(), jax.process_count())
+    if cfg.batch_size % shard_count:
+        raise ValueError(f"BATCH_SIZE={cfg.batch_size} must be divisible by the {shard_count} data shards (hosts).")
     task = get_task(cfg)
-    shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
+    shard_info = seqio.ShardInfo(index=shard_index, num_shards=shard_count)
     ds = task.get_dataset(
         sequence_length=dict(cfg.task_feature_lengths),
         split=cfg.split,
         shuffle=cfg.shuffle,
         seed=cfg.seed,
         use_cached=cfg.use_cached,
-        shard_info=shard,
+        shard_info=shard_info,
         num_epochs=num_epochs,
     )
     converter = seqio.DecoderFeatureConverter(pack=cfg.pack)
     ds = converter(ds, dict(cfg.task_feature_lengths))
-    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    ds = ds.batch(cfg.batch_size // shard_count, drop_remainder=True)
     if skip_batches:
         ds = ds.skip(skip_batches)
     return ds.prefetch(tf.data.AUTOTUNE)
