@@ -40,7 +40,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, save_cfg: utils.SaveCheckpointConfig | None, meta: dict):
-        self.directory = os.fspath(directory)
+        directory = os.fspath(directory)
+        # orbax needs absolute paths; MODEL_DIR='runs/x' is relative to the working directory.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.save_cfg = save_cfg
         self.meta = meta
         options = ocp.CheckpointManagerOptions(

@@ -91,11 +91,12 @@ def test_user_task_module_with_text_files(tmp_path):
         olmax_tasks.register_text_files_task("my_fox_task", train_patterns=[{str(data / '*.txt')!r}],
                                              validation_patterns=[{str(data / 'doc0.txt')!r}])
     """))
-    model_dir = str(tmp_path / "model")
-    proc = run("olmax.train", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=10",
-               f"--gin.MIXTURE_OR_TASK_MODULE={module}", "--gin.MIXTURE_OR_TASK_NAME=my_fox_task", *SMALL)
+    # Run from the user's directory, not the checkout: gin files come from the package,
+    # and a relative MODEL_DIR is relative to the working directory.
+    proc = run("olmax.train", "--gin_file=gin/quickstart.gin", "--gin.MODEL_DIR=runs/fox", "--gin.TRAIN_STEPS=10",
+               "--gin.MIXTURE_OR_TASK_MODULE=my_tasks.py", "--gin.MIXTURE_OR_TASK_NAME=my_fox_task", *SMALL, cwd=tmp_path)
     assert "step 10/10" in proc.stderr
-    assert os.path.isdir(os.path.join(model_dir, "10"))
+    assert os.path.isdir(tmp_path / "runs" / "fox" / "10")
 
 
 @pytest.mark.slow
