@@ -32,7 +32,8 @@ def run(module, *args, cwd=REPO, env=None, check=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("run") / "model")
-    proc = run("olmax.train", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=20", *SMALL)
+    proc = run("olmax.train", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=20",
+               "--gin.train.train.profile_steps=(3, 2)", *SMALL)
     return model_dir, proc
 
 
@@ -44,6 +45,7 @@ def test_train_writes_checkpoints_events_and_config(trained):
     assert glob.glob(os.path.join(model_dir, "training_eval", "events.out.tfevents.*"))
     assert "TASK_FEATURE_LENGTHS" in open(os.path.join(model_dir, "config.gin")).read()
     assert "step 20/20" in proc.stderr and "tokens/s" in proc.stderr and "MFU" in proc.stderr
+    assert glob.glob(os.path.join(model_dir, "profile", "**", "*.xplane.pb"), recursive=True)  # TensorBoard trace
 
 
 @pytest.mark.slow
@@ -60,9 +62,12 @@ def test_eval_and_infer(trained):
     model_dir, _ = trained
     out = os.path.join(model_dir, "eval_out")
     run("olmax.eval", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", f"--gin.EVAL_OUTPUT_DIR={out}",
-        "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.BATCH_SIZE=4", "--gin.eval.evaluate.eval_steps=3")
+        "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.BATCH_SIZE=4", "--gin.eval.evaluate.eval_steps=3",
+        "--gin.utils.RestoreCheckpointConfig.mode=all")
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert records[-1]["step"] >= 20 and 0 < records[-1]["bits_per_byte"] < 9
+    saved = sorted(int(d) for d in os.listdir(model_dir) if d.isdigit())
+    assert [r["step"] for r in records] == saved  # every checkpoint, in order
+    assert all(0 < r["bits_per_byte"] < 9 and 0 < r["accuracy"] < 1 for r in records)
     assert glob.glob(os.path.join(out, "eval", "events.out.tfevents.*"))
 
     infer_dir = os.path.join(model_dir, "infer_out")
