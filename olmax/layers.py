@@ -12,6 +12,31 @@ Einsum letters used throughout:
 
 Parameters are stored in fp32 and cast to `config.dtype` for compute; norms,
 softmaxes and the router run in fp32.
+
+Cached decoding. Every block also takes `decode`, one of DECODE_MODES:
+  None       the plain forward over whole sequences (training, scoring);
+  "init"     create the block's zero cache for x [b, L, d], L the longest sequence
+             to decode (T5X's cache-creation call), and return zeros;
+  "prefill"  the plain forward over a prompt x [b, L, d] (one segment per row),
+             storing in the cache the state after the first `ctx.prefill_lengths[b]`
+             positions of each row (later positions are padding);
+  "step"     one new position per row, x [b, 1, d] at `ctx.positions` [b, 1], from
+             and into the cache: the work of one position, not of the prefix.
+Cache leaves are flax variables in the `cache` collection, batch on axis 0, stored
+in `config.dtype` (the dtype the full forward computes in, so that a step repeats
+the full forward's arithmetic). Per block kind:
+  conv       the last k-1 inputs of each of its two convolutions: `inputs` [b, k-1, d]
+             and `hidden` [b, k-1, conv_features];
+  axial      the input history `inputs` [b, ceil(L/K) K, d] (stage 1 reads the
+             positions t, t-K, t-2K, ...: O(L/K d)) and the last K-1 values of
+             act(u) `mixed` [b, K-1, d] (stage 2's window: O(K d));
+  attention  `keys` and `values` [b, L, heads, head_dim], rotary applied at their
+             positions;
+  moe        nothing. Decoding is dropless: a step routes its one token alone (a
+             group of one, which no capacity can drop) and a prefill lifts the
+             capacity, so cached decoding equals the full forward whenever the full
+             forward dropped no token.
+Entries at or past a row's position are never read before a step writes them.
 """
 from __future__ import annotations
 
@@ -47,10 +72,16 @@ class Context:
     segment_ids: [batch, length] int32; tokens mix only within equal ids (packing).
       0 marks padding (it forms its own segment, so it never leaks into real tokens).
     positions: [batch, length] int32; position of each token inside its segment.
+    prefill_lengths: [batch] int32, decode="prefill" only: the prompt length of
+      each row (the cache keeps the state after that many positions).
     """
 
     segment_ids: Array
     positions: Array
+    prefill_lengths: Array | None = None
+
+
+DECODE_MODES = (None, "init", "prefill", "step")
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -81,6 +112,61 @@ def shift_right(x: Array, lag: int, axis: int = 1) -> Array:
     pad[axis] = (lag, 0)
     x = jnp.pad(x, pad)
     return jax.lax.slice_in_dim(x, 0, x.shape[axis] - lag, axis=axis)
+
+
+# ------------------------------------------------------------------- decode cache
+
+
+def cache_variable(module: nn.Module, decode: str, name: str, shape: tuple[int, ...], dtype) -> nn.Variable:
+    """The block's cache leaf `name`: created as zeros of `shape` when decode == "init",
+    required to exist otherwise."""
+    if decode != "init" and not module.has_variable("cache", name):
+        raise ValueError(
+            f"decode={decode!r} needs the decode cache, which is missing: create it first with "
+            "module.apply({'params': params}, tokens[batch, max_length], decode=True, mutable=['cache'])."
+        )
+    return module.variable("cache", name, jnp.zeros, shape, dtype)
+
+
+def last_positions(x: Array, lengths: Array, n: int) -> Array:
+    """x[b, lengths[b] - n + i] for i < n, zeros where that index is negative.
+
+    x: [b, t, ...], lengths: [b] -> [b, n, ...]: the window a cache keeps after a prefill.
+    """
+    idx = lengths[:, None] - n + jnp.arange(n)[None, :]  # [b, n]
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    out = jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1), axis=1)
+    return jnp.where(idx >= 0, out, jnp.zeros((), x.dtype))
+
+
+def write_position(cache: Array, x: Array, positions: Array) -> Array:
+    """cache[b, positions[b]] = x[b, 0]; a position past the end is dropped.
+
+    cache: [b, L, ...], x: [b, 1, ...], positions: [b] -> [b, L, ...].
+    """
+    rows = jnp.arange(cache.shape[0])
+    return cache.at[rows, positions].set(x[:, 0].astype(cache.dtype), mode="drop")
+
+
+def pad_to(x: Array, length: int, what: str) -> Array:
+    """Zero-pad axis 1 of x to `length` (a prefill's prompt to the cache length)."""
+    if x.shape[1] > length:
+        raise ValueError(
+            f"The prompt has {x.shape[1]} positions but the {what} cache holds {length}; "
+            "create the cache with tokens at least as long as prompt plus generation."
+        )
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def slide(window: nn.Variable, x: Array) -> Array:
+    """Append x [b, 1, ...] to the cached last-n window [b, n, ...].
+
+    Returns the n+1 values ending at the new position (oldest first) and keeps
+    the last n of them in the cache.
+    """
+    full = jnp.concatenate([window.value, x.astype(window.value.dtype)], axis=1)
+    window.value = full[:, 1:]
+    return full
 
 
 # ----------------------------------------------------------------------------- norms
@@ -127,20 +213,42 @@ def causal_conv(x: Array, kernel: Array, ctx: Context) -> Array:
     return y
 
 
+def conv_step(window: nn.Variable, x: Array, kernel: Array) -> Array:
+    """One position of causal_conv from its cached last w-1 inputs.
+
+    window: [b, w-1, i] cache, x: [b, 1, i], kernel: [w, i, o] -> [b, 1, o].
+    """
+    full = slide(window, x)  # [b, w, i]: x[t-w+1] .. x[t], tap w-1 on x[t]
+    return jnp.einsum("bwi,wio->bo", full, kernel)[:, None]
+
+
 class ConvBlock(nn.Module):
     """Causal conv (features -> conv_features), activation, causal conv back."""
 
     config: OlmaxConfig
 
     @nn.compact
-    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
         cfg = self.config
         d, f, w = cfg.features, cfg.conv_features, cfg.conv_kernel
         k_in = param_with_axes("wi", fan_in_normal((0, 1)), (w, d, f), axes=("conv_window", "embed", "mlp"))
         k_out = param_with_axes("wo", fan_in_normal((0, 1)), (w, f, d), axes=("conv_window", "mlp", "embed"))
-        h = causal_conv(x, k_in.astype(cfg.dtype), ctx)  # [b,t,d] -> [b,t,f]
-        h = constrain(activation(cfg.activation)(h), ("activation_batch", "activation_length", "activation_mlp"))
-        return causal_conv(h, k_out.astype(cfg.dtype), ctx), zero_aux()  # [b,t,f] -> [b,t,d]
+        k_in, k_out = k_in.astype(cfg.dtype), k_out.astype(cfg.dtype)
+        act = activation(cfg.activation)
+        if decode is not None:
+            inputs = cache_variable(self, decode, "inputs", (x.shape[0], w - 1, d), cfg.dtype)
+            hidden = cache_variable(self, decode, "hidden", (x.shape[0], w - 1, f), cfg.dtype)
+            if decode == "init":
+                return jnp.zeros_like(x), zero_aux()
+            if decode == "step":
+                h = act(conv_step(inputs, x, k_in))  # [b,1,d] -> [b,1,f]
+                return conv_step(hidden, h, k_out), zero_aux()  # [b,1,f] -> [b,1,d]
+        h = causal_conv(x, k_in, ctx)  # [b,t,d] -> [b,t,f]
+        h = constrain(act(h), ("activation_batch", "activation_length", "activation_mlp"))
+        if decode == "prefill":
+            inputs.value = last_positions(x, ctx.prefill_lengths, w - 1)
+            hidden.value = last_positions(h, ctx.prefill_lengths, w - 1)
+        return causal_conv(h, k_out, ctx), zero_aux()  # [b,t,f] -> [b,t,d]
 
 
 # ----------------------------------------------------------------------- axial mixer
@@ -178,12 +286,14 @@ class AxialMixer(nn.Module):
     decode step needs only past inputs, never a recomputation.
 
     Cost per layer: O(N * (n_blocks + 2K) * d), i.e. O(N^1.5 d) at K = sqrt(N).
+    A decode step caches the input history (stage 1 reads t, t-K, t-2K, ...) and the
+    last K-1 values of act(u) (stage 2's window): O((N/K + K) d), one position's work.
     """
 
     config: OlmaxConfig
 
     @nn.compact
-    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
         cfg = self.config
         bsz, length, d = x.shape
         k, h = cfg.mixer_block, cfg.mixer_heads
@@ -192,23 +302,32 @@ class AxialMixer(nn.Module):
         a = param_with_axes("block_lags", lag_init(max_blocks), (max_blocks, h), axes=("mix_lag", "heads"))
         b = param_with_axes("offset_lags", lag_init(k), (k, h), axes=("mix_lag", "heads"))
         bias = param_with_axes("bias", nn.initializers.zeros, (d,), axes=("norm",))
+        a, b, bias = a.astype(cfg.dtype), b.astype(cfg.dtype), bias.astype(cfg.dtype).reshape(h, d // h)
+        act = activation(cfg.activation)
 
         n = -(-length // k)
+        if decode is not None:
+            inputs = cache_variable(self, decode, "inputs", (bsz, n * k, d), cfg.dtype)
+            mixed = cache_variable(self, decode, "mixed", (bsz, k - 1, d), cfg.dtype)
+            if decode == "init":
+                return jnp.zeros_like(x), zero_aux()
+            if decode == "step":
+                return self.step(inputs, mixed, x, ctx.positions[:, 0], a, b, bias), zero_aux()
+
         pad = n * k - length
         xg = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(bsz, n, k, h, d // h)
         # Padding gets segment -1: distinct from every real segment and from id 0.
         seg = jnp.pad(ctx.segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, n, k)
 
         # 1. Block axis: [b,n,k,h,c] -> [b,n,k,h,c], mixing block m into block n >= m.
-        col = lag_matrix(a[:n].astype(cfg.dtype), n)  # [n, m, h]
+        col = lag_matrix(a[:n], n)  # [n, m, h]
         same = (seg[:, :, None, :] == seg[:, None, :, :]).astype(cfg.dtype)  # [b,n,m,k]
-        u = jnp.einsum("nmh,bnmk,bmkhc->bnkhc", col, same, xg)
-        u = activation(cfg.activation)(u + bias.astype(cfg.dtype).reshape(h, d // h))
+        u = act(jnp.einsum("nmh,bnmk,bmkhc->bnkhc", col, same, xg) + bias)
 
         # 2. Offset axis, sliding: block n from its own offsets j <= k and from the
         #    previous block's offsets j > k (lags K-1 .. 1 reaching back across the edge).
-        own = lag_matrix(b.astype(cfg.dtype), k)  # [k, j, h]
-        prev = lag_matrix(b.astype(cfg.dtype), k, offset=k)  # [k, j, h]
+        own = lag_matrix(b, k)  # [k, j, h]
+        prev = lag_matrix(b, k, offset=k)  # [k, j, h]
         u_prev = shift_right(u, 1)  # block n-1 at n
         seg_prev = shift_right(seg, 1) + jnp.where(jnp.arange(n) == 0, -2, 0)[None, :, None]
         same_own = (seg[..., :, None] == seg[..., None, :]).astype(cfg.dtype)  # [b,n,k,j]
@@ -216,7 +335,27 @@ class AxialMixer(nn.Module):
         y = jnp.einsum("kjh,bnkj,bnjhc->bnkhc", own, same_own, u) + jnp.einsum(
             "kjh,bnkj,bnjhc->bnkhc", prev, same_prev, u_prev
         )
+        if decode == "prefill":
+            inputs.value = pad_to(x, inputs.value.shape[1], "axial mixer")
+            mixed.value = last_positions(u.reshape(bsz, n * k, d), ctx.prefill_lengths, k - 1)
         return y.reshape(bsz, n * k, d)[:, :length], zero_aux()
+
+    def step(
+        self, inputs: nn.Variable, mixed: nn.Variable, x: Array, t: Array, a: Array, b: Array, bias: Array
+    ) -> Array:
+        """One position t [bsz] per row: x [bsz, 1, d] -> y [bsz, 1, d], reading and updating the cache."""
+        bsz, _, d = x.shape
+        k, h = b.shape
+        hist = inputs.value = write_position(inputs.value, x, t)  # [b, n K, d]
+        n = hist.shape[1] // k
+        # 1. u[t] = sum_m a[m] x[t - m K]: one column of the grid, O(n d).
+        src = t[:, None] - k * jnp.arange(n)[None, :]  # [b, m]
+        col = jnp.take_along_axis(hist, jnp.clip(src, 0, hist.shape[1] - 1)[..., None], axis=1)  # [b,m,d]
+        col = jnp.where((src >= 0)[..., None], col, jnp.zeros((), col.dtype)).reshape(bsz, n, h, d // h)
+        u = activation(self.config.activation)(jnp.einsum("mh,bmhc->bhc", a[:n], col) + bias)
+        # 2. y[t] = sum_l b[l] act(u)[t - l]: the window act(u)[t-K+1 .. t], O(K d).
+        window = slide(mixed, u.reshape(bsz, 1, d)).reshape(bsz, k, h, d // h)
+        return jnp.einsum("jh,bjhc->bhc", b[::-1], window).reshape(bsz, 1, d)
 
 
 def lag_init(num_lags: int):
@@ -244,12 +383,16 @@ def rotary(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Arra
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with rotary positions: the transformer baseline mixer."""
+    """Causal multi-head attention with rotary positions: the transformer baseline mixer.
+
+    A decode step caches keys and values [b, L, heads, head_dim] (rotary applied at
+    their positions) and attends over the cache: O(L d) per position.
+    """
 
     config: OlmaxConfig
 
     @nn.compact
-    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
         cfg = self.config
         d, h = cfg.features, cfg.num_heads
         c = d // h
@@ -258,11 +401,25 @@ class Attention(nn.Module):
             n: param_with_axes(n, init, (d, d), axes=("embed", "heads")).astype(cfg.dtype) for n in ("wq", "wk", "wv")
         }
         wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
+        if decode is not None:
+            cached_k = cache_variable(self, decode, "keys", (x.shape[0], x.shape[1], h, c), cfg.dtype)
+            cached_v = cache_variable(self, decode, "values", (x.shape[0], x.shape[1], h, c), cfg.dtype)
+            if decode == "init":
+                return jnp.zeros_like(x), zero_aux()
         q, k, v = (jnp.einsum("btd,de->bte", x, proj[n]).reshape(*x.shape[:2], h, c) for n in ("wq", "wk", "wv"))
         q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
+        if decode == "step":  # one query per row at t = positions[:, 0], keys from the cache
+            t = ctx.positions[:, 0]
+            k = cached_k.value = write_position(cached_k.value, k, t)  # [b,s,h,c]
+            v = cached_v.value = write_position(cached_v.value, v, t)
+            mask = (jnp.arange(k.shape[1])[None, :] <= t[:, None])[:, None, :]  # [b,1,s]
+        else:
+            if decode == "prefill":
+                cached_k.value = pad_to(k, cached_k.value.shape[1], "attention")
+                cached_v.value = pad_to(v, cached_v.value.shape[1], "attention")
+            s = jnp.arange(x.shape[1])
+            mask = (s[:, None] >= s[None, :])[None] & (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :])
         logits = jnp.einsum("bthc,bshc->bhts", q, k).astype(jnp.float32) / math.sqrt(c)
-        t = jnp.arange(x.shape[1])
-        mask = (t[:, None] >= t[None, :])[None] & (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :])
         logits = jnp.where(mask[:, None], logits, -1e30)
         probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bhts,bshc->bthc", probs, v).reshape(x.shape)
@@ -280,18 +437,26 @@ class MoE(nn.Module):
     token is dropped depends only on itself and earlier tokens: the MoE stays
     causal (the usual "all first choices before any second choice" order is not).
     A dropped token's expert output is zero; the residual carries it on.
+
+    Decoding keeps no cache and drops nothing: a step routes each row's one token
+    as a group of one (its top-k distinct experts each have a slot), and a prefill
+    gives every expert room for its whole group. Cached decoding therefore equals
+    the full forward whenever the full forward dropped no token
+    (capacity_factor >= num_experts / expert_top_k guarantees that).
     """
 
     config: OlmaxConfig
 
     @nn.compact
-    def __call__(self, x: Array, ctx: Context) -> tuple[Array, dict]:
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
         cfg = self.config
         bsz, length, d = x.shape
         e, f, top_k = cfg.num_experts, cfg.expert_features, cfg.expert_top_k
         router = param_with_axes("router", fan_in_normal((0,)), (d, e), axes=("embed", "expert"))
         wi = param_with_axes("wi", fan_in_normal((1,)), (e, d, f), axes=("expert", "embed", "mlp"))
         wo = param_with_axes("wo", fan_in_normal((1,)), (e, f, d), axes=("expert", "mlp", "embed"))
+        if decode == "init":
+            return jnp.zeros_like(x), zero_aux()
 
         g = min(cfg.expert_group_size, length)
         n_groups = -(-length // g)
@@ -299,6 +464,8 @@ class MoE(nn.Module):
         xg = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(bsz * n_groups, g, d)
         real = jnp.pad(ctx.segment_ids != 0, ((0, 0), (0, pad))).reshape(bsz * n_groups, g)
         capacity = max(1, math.ceil(cfg.capacity_factor * top_k * g / e))
+        if decode == "prefill":  # dropless, like the steps (see the class docstring)
+            capacity = g
 
         logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), router)  # fp32 router
         probs = jax.nn.softmax(logits, axis=-1)
@@ -347,11 +514,15 @@ class Block(nn.Module):
     kind: str
 
     @nn.compact
-    def __call__(self, x: Array, ctx: Context, enable_dropout: bool = False) -> tuple[Array, dict]:
+    def __call__(
+        self, x: Array, ctx: Context, enable_dropout: bool = False, decode: str | None = None
+    ) -> tuple[Array, dict]:
         cfg = self.config
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}.")
         inner = MIXERS[cfg.mixer] if self.kind == "mixer" else BLOCKS[self.kind]
         y = Norm(cfg, name="pre_norm")(x.astype(cfg.dtype))
-        y, aux = inner(cfg, name=self.kind)(y, ctx)
+        y, aux = inner(cfg, name=self.kind)(y, ctx, decode)
         if cfg.placement == "sandwich":
             y = Norm(cfg, name="post_norm")(y)
         y = nn.Dropout(cfg.dropout_rate, deterministic=not enable_dropout)(y)

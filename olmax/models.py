@@ -18,7 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from olmax import network
+from olmax import decoding, network
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -156,6 +156,73 @@ class DecoderOnlyLM:
         logits, _ = self._logits_and_aux(params, batch)
         ce, _ = cross_entropy(logits, targets)
         return -jnp.sum(ce * weights.astype(jnp.float32), axis=-1)
+
+    def predict_batch_with_aux(
+        self,
+        params,
+        batch: Batch,
+        rng: Array | None = None,
+        *,
+        max_decode_length: int | None = None,
+        prompt_lengths: Array | None = None,
+        decoder_params: Mapping[str, Any] | None = None,
+        num_decodes: int = 1,
+        return_all_decodes: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        eos_id: int | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Sampled continuations of the prompts in `batch`, with the decode cache.
+
+        The prompt of row b is its first prompt_lengths[b] decoder_input_tokens:
+        by default sum(decoder_causal_attention[b]) (BOS + inputs, T5X's prefix-LM
+        convention), or BOS alone without decoder_causal_attention. As in T5X, the
+        prompt and the generation share max_decode_length positions (default: the
+        batch's length); a row stops at EOS (the vocabulary's, else 1) or when full.
+        `decoder_params` may hold T5X's names (temperature, topk, topp) or ours.
+
+        Returns (tokens [b, max_decode_length] generated only, left-aligned, 0 after
+        EOS; {'scores': [b] model log-likelihood of the generated tokens}). With
+        num_decodes > 1 the best-scoring sample of each row, or all of them sorted by
+        increasing score ([b, num_decodes, length]) when return_all_decodes.
+        """
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+        for key, value in (decoder_params or {}).items():
+            options[{"topk": "top_k", "topp": "top_p"}.get(key, key)] = value
+        tokens = jnp.asarray(batch["decoder_input_tokens"])
+        bsz, width = tokens.shape
+        length = width if max_decode_length is None else int(max_decode_length)
+        if prompt_lengths is None:
+            causal = batch.get("decoder_causal_attention")
+            prompt_lengths = 1 if causal is None else jnp.sum(jnp.asarray(causal) > 0, axis=1)
+        lengths = jnp.clip(jnp.broadcast_to(jnp.asarray(prompt_lengths, jnp.int32), (bsz,)), 1, length)
+        prompt = tokens[:, :length]
+        if eos_id is None:
+            eos_id = getattr(self.vocabulary, "eos_id", None) if self.vocabulary is not None else 1
+        if num_decodes > 1:
+            prompt, lengths = jnp.repeat(prompt, num_decodes, axis=0), jnp.repeat(lengths, num_decodes, axis=0)
+        out, scores = decoding.generate(
+            self.module,
+            params,
+            prompt,
+            lengths,
+            jax.random.PRNGKey(0) if rng is None else rng,
+            max_new_tokens=length,
+            eos_id=eos_id,
+            cache_length=length,
+            return_scores=True,
+            **options,
+        )
+        if num_decodes == 1:
+            return out, {"scores": scores}
+        out, scores = out.reshape(bsz, num_decodes, length), scores.reshape(bsz, num_decodes)
+        order = jnp.argsort(scores, axis=1)
+        out, scores = jnp.take_along_axis(out, order[..., None], axis=1), jnp.take_along_axis(scores, order, axis=1)
+        if return_all_decodes:
+            return out, {"scores": scores}
+        return out[:, -1], {"scores": scores[:, -1]}
 
 
 def param_count(params) -> int:

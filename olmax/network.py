@@ -5,6 +5,10 @@
 A layer is a sequence of residual branches (`OlmaxConfig.blocks`, default conv then
 mixer), each branch a Block: SandwichLN(inner) with RMSNorm. The stack is reversible
 (activation memory independent of depth) or plain residual with remat.
+
+Cached decoding follows T5X's contract (see `Olmax`): the cache lives in the `cache`
+collection as {'cache_index', 'decoder': {'layers_<i>': {<branch>: {<block>: leaves}}}},
+one entry per layer, batch on axis 0 of every leaf.
 """
 from __future__ import annotations
 
@@ -107,6 +111,22 @@ def layer_fns(config: OlmaxConfig, enable_dropout: bool = False) -> reversible.L
     return reversible.LayerFns(branch_names(config), tuple(branch(k) for k in config.layer_blocks))
 
 
+def cached_layer_fns(config: OlmaxConfig, decode: str) -> reversible.LayerFns:
+    """One layer's branches for cached decoding: (branch params, cache, x, ctx) -> (f(x), aux, cache)."""
+
+    def branch(kind: str):
+        module = layers.Block(config, kind)
+
+        def fn(p, cache, x, ctx):
+            variables = {"params": p, "cache": cache} if cache else {"params": p}
+            (y, aux), state = module.apply(variables, x, ctx, False, decode, mutable=["cache"])
+            return y, aux, state.get("cache", {})
+
+        return fn
+
+    return reversible.LayerFns(branch_names(config), tuple(branch(k) for k in config.layer_blocks))
+
+
 class Layer(nn.Module):
     """One layer's branches as a module: used to create (and name) the stacked parameters."""
 
@@ -126,7 +146,9 @@ class Stack(nn.Module):
     config: OlmaxConfig
 
     @nn.compact
-    def __call__(self, x: Array, ctx: layers.Context, enable_dropout: bool) -> tuple[Array, dict]:
+    def __call__(
+        self, x: Array, ctx: layers.Context, enable_dropout: bool, decode: str | None = None
+    ) -> tuple[Array, dict]:
         cfg = self.config
         if self.is_initializing():
             # Creates params [depth, ...] and their `params_axes` (with 'layers' prepended).
@@ -140,6 +162,18 @@ class Stack(nn.Module):
             )
             scanned(cfg, name="layers")(x, ctx)
         params = self.variables["params"]["layers"]
+
+        if decode is not None:  # one cache per layer (see reversible.cached_stack for why)
+            caches = [self.variable("cache", f"layers_{i}", dict) for i in range(cfg.depth)]
+            fns = cached_layer_fns(cfg, decode)
+            y, aux, new = reversible.cached_stack(
+                fns, params, [c.value for c in caches], x, ctx, layers.zero_aux(), cfg.reversible
+            )
+            for c, value in zip(caches, new):
+                c.value = value
+            if decode != "init":
+                return y, aux
+            # "init" only created the zero caches; the output is the plain forward's.
 
         use_dropout = enable_dropout and cfg.dropout_rate > 0
         key = self.make_rng("dropout") if use_dropout else jax.random.PRNGKey(0)
@@ -155,6 +189,25 @@ class Olmax(nn.Module):
 
     Returns fp32 logits [batch, length, vocab_size]. MoE auxiliary losses and metrics
     (summed over layers) are sown to `intermediates/moe_aux`.
+
+    Cached decoding, T5X's contract (every call with enable_dropout=False):
+      1. create: `apply({'params'}, tokens [b, L], decode=True, mutable=['cache'])`
+         (or `init(rng, tokens, tokens, decode=True)`) on a cache that does not exist
+         yet returns the zero cache for sequences up to L (<= max_length) positions,
+         `cache_index` a scalar 0; the logits are the plain forward's.
+      2. prefill: `apply({'params', 'cache'}, prompt [b, P], prefill=True,
+         prefill_lengths=[b], mutable=['cache'])` runs the plain forward over the
+         prompt (P <= L) and keeps, for each row, the state after its own
+         prefill_lengths[b] positions (default P); later positions are padding and
+         are ignored. `cache_index` becomes prefill_lengths [b].
+      3. step: `apply({'params', 'cache'}, token [b, 1], decode=True,
+         max_decode_length=L, mutable=['cache'])` feeds each row's next token at its
+         own position cache_index[b] and returns logits [b, 1, vocab]; cache_index += 1.
+    Positions come from the cache (decoder_positions and decoder_segment_ids are
+    ignored when decoding: one sequence per row). Every cache leaf has batch on
+    axis 0, `cache_index` included once prefilled; T5X's decoding finds it by name.
+    Rows may run past L (T5X lets finished rows idle): their writes are dropped and
+    their logits are meaningless.
     """
 
     config: OlmaxConfig
@@ -175,25 +228,42 @@ class Olmax(nn.Module):
     ) -> Array:
         cfg = self.config
         del decoder_target_tokens, decoder_causal_attention  # every position is causal (LM)
-        if decode or prefill:
-            raise NotImplementedError("Cached decoding is not available yet; call with decode=False.")
+        del max_decode_length  # the cache length is fixed when the cache is created
         tokens = jnp.asarray(decoder_input_tokens)
         bsz, length = tokens.shape
+        mode = self._decode_mode(decode, prefill, length)
         if length > cfg.max_length:
             raise ValueError(
                 f"Input length {length} exceeds the model's max_length={cfg.max_length}; "
                 "shorten TASK_FEATURE_LENGTHS or raise OlmaxConfig.max_length."
             )
-        seg = jnp.ones((bsz, length), jnp.int32) if decoder_segment_ids is None else decoder_segment_ids
-        pos = jnp.broadcast_to(jnp.arange(length), (bsz, length)) if decoder_positions is None else decoder_positions
-        ctx = layers.Context(segment_ids=jnp.asarray(seg, jnp.int32), positions=jnp.asarray(pos, jnp.int32))
+        if mode is not None:
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if mode == "step":  # each row's one new token, at its own position
+            pos = jnp.broadcast_to(index.value, (bsz,)).astype(jnp.int32)
+            ctx = layers.Context(segment_ids=jnp.ones((bsz, 1), jnp.int32), positions=pos[:, None])
+            index.value = index.value + 1
+        elif mode == "prefill":
+            lengths = length if prefill_lengths is None else prefill_lengths
+            lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (bsz,))
+            ctx = layers.Context(
+                segment_ids=jnp.ones((bsz, length), jnp.int32),
+                positions=jnp.broadcast_to(jnp.arange(length), (bsz, length)),
+                prefill_lengths=lengths,
+            )
+            index.value = lengths
+        else:
+            seg = jnp.ones((bsz, length), jnp.int32) if decoder_segment_ids is None else decoder_segment_ids
+            pos = decoder_positions
+            pos = jnp.broadcast_to(jnp.arange(length), (bsz, length)) if pos is None else pos
+            ctx = layers.Context(segment_ids=jnp.asarray(seg, jnp.int32), positions=jnp.asarray(pos, jnp.int32))
 
         embedding = nn_partitioning.param_with_axes(
             "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.features), axes=("vocab", "embed")
         )
         x = jnp.take(embedding, tokens, axis=0)  # [b,t] -> [b,t,d] fp32
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        x, aux = Stack(cfg, name="decoder")(x, ctx, enable_dropout)
+        x, aux = Stack(cfg, name="decoder")(x, ctx, enable_dropout and mode is None, mode)
         self.sow("intermediates", "moe_aux", aux)
         x = layers.Norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -204,3 +274,24 @@ class Olmax(nn.Module):
             )
         logits = jnp.einsum("btd,dv->btv", x.astype(jnp.float32), kernel)  # [b,t,d] -> [b,t,v] fp32
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def _decode_mode(self, decode: bool, prefill: bool, length: int) -> str | None:
+        """None (plain forward), "init" (create the cache), "prefill" or "step"."""
+        if not (decode or prefill):
+            return None
+        has_cache = self.has_variable("cache", "cache_index")
+        if not has_cache and prefill:
+            raise ValueError(
+                "prefill=True needs a decode cache: create it first with module.apply({'params': params}, "
+                "tokens[batch, max_decode_length], decode=True, mutable=['cache'])."
+            )
+        if prefill:
+            return "prefill"
+        if not has_cache:
+            return "init"
+        if length != 1:
+            raise ValueError(
+                f"A decode step takes one token per row, tokens [batch, 1]; got length {length}. "
+                "Use prefill=True for a prompt."
+            )
+        return "step"

@@ -13,12 +13,16 @@ run the same pure function per branch over parameters stacked along a leading
 
 Auxiliary scalars (MoE losses and metrics) are summed over branches and layers;
 their gradients flow through the reversible backward pass like the streams'.
+
+Cached decoding (prefill and one-token steps) runs forward only: `cached_stack`
+goes through the same per-branch arithmetic layer after layer, each branch reading
+and returning its decode cache. No inverse and no gradient are needed there.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +31,8 @@ import numpy as np
 Array = jax.Array
 # (branch params, x, ctx, rng) -> (f(x), aux dict of scalars)
 BranchFn = Callable[[Any, Array, Any, Array], tuple[Array, dict]]
+# (branch params, branch cache, x, ctx) -> (f(x), aux dict of scalars, new branch cache)
+CachedBranchFn = Callable[[Any, Any, Array, Any], tuple[Array, dict, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,3 +145,37 @@ def remat_stack(layer: LayerFns, params, x: Array, ctx, rngs: Array, aux0: dict,
 
     (y, aux), _ = jax.lax.scan(body, (x, aux0), (params, rngs))
     return y, aux
+
+
+def cached_stack(layer: LayerFns, params, caches: Sequence[dict], x: Array, ctx, aux0: dict, reversible: bool = True):
+    """Forward only, for cached decoding: (y, aux, new caches).
+
+    `layer.fns` are CachedBranchFns; `params` leaves are [depth, ...]; `caches[i]` maps
+    branch names of layer i to their caches (a branch without one may be absent).
+    The arithmetic per branch is that of `reversible_stack` (two streams, output
+    (y1 + y2) / 2) or of `remat_stack` (x + f(x)).
+
+    The layers are unrolled rather than scanned: each layer's cache stays its own
+    array, which a decode step updates in place (a few positions written, the rest
+    only read). Scanning with the stacked cache as xs / ys would copy the whole
+    cache on every token, O(depth * max_length * d), more than the axial mixer's
+    O(depth * (max_length / K + K) * d) work per token. The price is a decode step
+    whose compile time grows with depth.
+    """
+    x1 = x2 = x
+    aux, new_caches = aux0, []
+    for i, cache in enumerate(caches):
+        p = jax.tree.map(lambda a, i=i: a[i], params)
+        new = {}
+        for name, fn in zip(layer.names, layer.fns):
+            out, a, c = fn(p[name], cache.get(name, {}), x2, ctx)
+            if reversible:
+                x1, x2 = x2, x1 + out
+            else:
+                x2 = x2 + out
+            aux = jax.tree.map(jnp.add, aux, a)
+            if c:
+                new[name] = c
+        new_caches.append(new)
+    y = (x1 + x2) * 0.5 if reversible else x2
+    return y, aux, new_caches

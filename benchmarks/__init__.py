@@ -1,0 +1,1 @@
+"""Side-by-side measurements; each module says how to run it and what it writes."""
