@@ -187,7 +187,12 @@ def main(argv=None) -> None:
                 "Produced by `python -m benchmarks.decode_speed` (see its docstring for the method).\n"
                 "Tokens/s over the whole batch in the steady state of generation; prompt N/2; "
                 "prefill s: the cached path's cache creation + prefill of the prompt.\n\n"
-                f"Hardware: {hardware}\n\n{text}\n"
+                f"Hardware: {hardware}\n\n{text}\n\n"
+                "Reading it: a cached step costs O((N/K + K) d) per layer with the axial mixer, flat in N "
+                "at these sizes (the small model's step is dominated by per-op overhead), and O(N d) with "
+                "attention (its keys and values are read every step); recomputation costs a full forward, "
+                "O(N^1.5 d) resp. O(N^2 d), per token. On a shared machine the absolute numbers move with "
+                "the load; compare within a row (the two paths alternate).\n"
             )
         print(f"wrote {out}")
 
