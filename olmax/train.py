@@ -106,13 +106,33 @@ def _default_arg(fn, name):
 
 
 class _Preemption:
-    """SIGTERM -> finish the current step, checkpoint, exit cleanly."""
+    """SIGTERM -> finish the current step, checkpoint, exit cleanly.
+
+    With several processes every host must stop at the same step (saving is
+    collective): JAX's preemption service (started by jax.distributed) catches
+    SIGTERM on any host and the hosts agree on a step, which `check` reports. A
+    Python handler would replace the service's, so none is installed then.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multihost = jax.process_count() > 1
+
+    def check(self, step: int) -> bool:
+        if self._multihost and not self.requested:
+            from jax.experimental import multihost_utils
+
+            try:
+                self.requested = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError as e:  # the preemption service is disabled
+                logging.warning("Multi-host preemption handling is off: %s", e)
+                self._multihost = False
+        return self.requested
 
     def __enter__(self):
+        if self._multihost:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -320,6 +340,7 @@ def train(
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
 
+            preemption.check(step)
             log_now = step % stats_period == 0 or step == total_steps or preemption.requested
             # The previous step's flag is ready by now: checking it does not stall the pipeline.
             if prev_skipped is not None:

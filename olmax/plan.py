@@ -1,0 +1,378 @@
+r"""Will it fit, and how fast? Compile the train step for a mesh before spending pod time.
+
+    python -m olmax.plan --gin_file=gin/models/small.gin --mesh data=64,model=4 \
+        [--batch_size 256 --length 2048 --device_kind "TPU v4" --peak_flops 275e12 \
+         --device_memory_gb 32 --utilization 0.6 --microbatches 1] [--gin.KEY=VALUE ...]
+
+The planner builds exactly what `olmax.train` builds (TrainSetup, make_train_step,
+PjitPartitioner with the Gin logical axis rules) on `data x model` simulated CPU
+devices (XLA_FLAGS=--xla_force_host_platform_device_count, set before JAX starts),
+and compiles the jitted, donated train step ahead of time from abstract shapes
+(jax.ShapeDtypeStruct with shardings): no parameter is ever allocated, so a
+multi-billion-parameter model plans on a laptop. It reports, per device:
+
+  parameters / optimizer state / batch  from the sharded shapes (exact);
+  temporaries (activations, gradients)  from compiled.memory_analysis(): XLA's
+      buffer assignment for the CPU stand-in. TPU/GPU compilers fuse and lay out
+      differently, so read it as an estimate (usually within tens of percent);
+  model FLOPs per token                 olmax.perf.train_flops_per_token (the MFU numerator:
+      3 x forward);
+  hardware FLOPs per token              model FLOPs + the layers' forward once more: the
+      reversible stack (or remat) recomputes it in the backward pass;
+  step time, tokens/s, expected MFU     hardware FLOPs per device / (peak FLOP/s x
+      --utilization, the fraction of peak the chips sustain), and
+      MFU = utilization x model / hardware FLOPs.
+XLA's own cost analysis is not used for time: it counts a loop body once, and
+the layer stack is a scan.
+
+It exits with status 2 and a message naming the memory needed, the memory
+available and what to change when the step does not fit in --device_memory_gb.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+GIB = 1024**3
+
+# HBM per chip (GiB), for --device_kind; the peak FLOP/s come from olmax.perf.DATASHEET_PEAK.
+DEVICE_MEMORY_GB = {
+    "TPU v4": 32,
+    "TPU v5 lite": 16,
+    "TPU v5e": 16,
+    "TPU v5p": 95,
+    "TPU v6e": 32,
+    "NVIDIA H100": 80,
+    "NVIDIA H200": 141,
+    "NVIDIA A100": 80,
+}
+
+
+class DoesNotFit(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device figures of one train step (bytes, FLOPs, seconds)."""
+
+    mesh: dict[str, int]
+    batch_size: int
+    length: int
+    microbatches: int
+    param_count: int
+    param_bytes: int  # per device, from the sharded shapes
+    opt_state_bytes: int
+    batch_bytes: int
+    temp_bytes: int  # compiled temporaries: activations, gradients, workspace
+    output_bytes: int  # compiled outputs not aliased to (donated) inputs
+    argument_bytes: int  # compiled arguments: params + optimizer state + batch
+    model_flops_per_token: float
+    hardware_flops_per_token: float  # with the recomputed forward of the layers
+    peak_flops: float  # per device
+    utilization: float  # assumed fraction of peak FLOP/s sustained
+    device_memory_bytes: int | None = None
+    total_param_bytes: int = 0  # unsharded, all devices together
+
+    @property
+    def devices(self) -> int:
+        return self.mesh["data"] * self.mesh["model"]
+
+    @property
+    def needed_bytes(self) -> int:
+        """Live at the peak: the step's arguments, its temporaries, outputs that do not reuse donated inputs."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.length
+
+    @property
+    def model_flops_per_device(self) -> float:
+        return self.model_flops_per_token * self.tokens_per_step / self.devices
+
+    @property
+    def expected_mfu(self) -> float:
+        return self.utilization * self.model_flops_per_token / self.hardware_flops_per_token
+
+    @property
+    def step_seconds(self) -> float:
+        hardware = self.hardware_flops_per_token * self.tokens_per_step / self.devices
+        return hardware / (self.peak_flops * self.utilization)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_per_step / self.step_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for k in ("devices", "needed_bytes", "tokens_per_step", "model_flops_per_device", "expected_mfu",
+                  "step_seconds", "tokens_per_second"):
+            out[k] = getattr(self, k)
+        return out
+
+
+def _sharded_bytes(shapes: Any, shardings: Any) -> int:
+    """Bytes one device holds of `shapes` laid out by `shardings` (the largest shard of each leaf)."""
+    import jax
+    import numpy as np
+
+    def leaf(x, s):
+        return int(np.prod(s.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+    return sum(jax.tree.leaves(jax.tree.map(leaf, shapes, shardings)))
+
+
+def abstract_batch(partitioner, batch_size: int, length: int) -> dict:
+    """The packed batch the input pipeline feeds (seqio.DecoderFeatureConverter, pack=True), as shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    names = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
+             "decoder_positions")
+    return {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=partitioner.data_sharding) for k in names}
+
+
+def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable | None = None, microbatches: int = 1,
+         peak_flops: float = 275e12, utilization: float = 0.6, device_memory_bytes: int | None = None) -> Plan:
+    """Compiles the train step for `partitioner`'s mesh from abstract shapes and measures it."""
+    import jax
+    import numpy as np
+
+    from olmax import models, optim, perf, train
+
+    partitioner.check_batch_size(batch_size)
+    if batch_size % (partitioner.data_parallel_size * microbatches):
+        raise ValueError(f"BATCH_SIZE={batch_size} must split into {microbatches} microbatches, each divisible by "
+                         f"the data-parallel size {partitioner.data_parallel_size}.")
+    if length > model.config.max_length:
+        raise ValueError(f"--length={length} exceeds the model's max_length={model.config.max_length}.")
+    optimizer = optimizer or optim.create_optimizer
+    setup = train.TrainSetup(model, partitioner, (batch_size, length), optimizer)
+    step_fn = train.make_train_step(model, setup.tx, microbatches, 0, train._agc_clip_metric(optimizer, setup.logical_specs))
+    state = setup.abstract_state()
+    batch = abstract_batch(partitioner, batch_size, length)
+    with partitioner.activate():
+        jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, partitioner.data_sharding),
+                         out_shardings=(setup.state_shardings, partitioner.replicated), donate_argnums=(0,))
+        compiled = jitted.lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    param_bytes = _sharded_bytes(setup.param_shapes, setup.param_shardings)
+    opt_bytes = _sharded_bytes(state["opt_state"], setup.state_shardings["opt_state"])
+    batch_bytes = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
+    arg_bytes = int(mem.argument_size_in_bytes) if mem is not None else param_bytes + opt_bytes + batch_bytes
+    out_bytes = int(mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem is not None else 0
+    return Plan(
+        mesh=dict(partitioner.mesh.shape),
+        batch_size=batch_size,
+        length=length,
+        microbatches=microbatches,
+        param_count=models.param_count(setup.param_shapes),
+        param_bytes=param_bytes,
+        opt_state_bytes=opt_bytes,
+        batch_bytes=batch_bytes,
+        temp_bytes=int(mem.temp_size_in_bytes) if mem is not None else 0,
+        output_bytes=max(out_bytes, 0),
+        argument_bytes=arg_bytes,
+        model_flops_per_token=perf.train_flops_per_token(model.config, length),
+        hardware_flops_per_token=hardware_flops_per_token(model.config, length),
+        peak_flops=float(peak_flops),
+        utilization=float(utilization),
+        device_memory_bytes=device_memory_bytes,
+        total_param_bytes=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                              for x in jax.tree.leaves(setup.param_shapes)),
+    )
+
+
+def hardware_flops_per_token(config, length: int) -> float:
+    """Training FLOPs the chips execute per token: forward, backward (2x) and the layers' forward
+    recomputed by the reversible stack or remat (the embedding and logits are not recomputed)."""
+    from olmax import perf
+
+    layers = perf.forward_flops_per_token(config, length) - 2 * config.features * config.vocab_size
+    return perf.train_flops_per_token(config, length) + layers
+
+
+def check_fits(p: Plan, device_memory_bytes: int | None = None) -> None:
+    """Raises DoesNotFit, naming the memory needed and available and what to change."""
+    available = device_memory_bytes if device_memory_bytes is not None else p.device_memory_bytes
+    if available is None or p.needed_bytes <= available:
+        return
+    data, model = p.mesh["data"], p.mesh["model"]
+    per_device_rows = p.batch_size // data
+    hints = []
+    if p.param_bytes + p.opt_state_bytes > 0.5 * available:
+        hints.append(f"more model parallelism: --mesh data={max(data // 2, 1)},model={model * 2} "
+                     f"(partitioning.PjitPartitioner.num_partitions={model * 2}) splits parameters and optimizer state")
+    if per_device_rows > 1 or p.microbatches > 1:
+        hints.append(f"a smaller batch per device ({per_device_rows} rows now): lower BATCH_SIZE, or set "
+                     f"train.train.microbatches={p.microbatches * 2} (gradient accumulation, same global batch)")
+    hints.append("keep network.OlmaxConfig.reversible = True (activation memory independent of depth) and "
+                 "dtype = 'bfloat16'; a shorter --length / TASK_FEATURE_LENGTHS")
+    if not any("model parallelism" in h for h in hints):
+        hints.append(f"more model parallelism: --mesh data={max(data // 2, 1)},model={model * 2}")
+    b = lambda n: _fmt_bytes(n).strip()  # noqa: E731
+    raise DoesNotFit(
+        f"Does not fit: the train step needs {b(p.needed_bytes)} per device (parameters {b(p.param_bytes)}, "
+        f"optimizer state {b(p.opt_state_bytes)}, batch {b(p.batch_bytes)}, activations and other temporaries "
+        f"{b(p.temp_bytes)}, outputs {b(p.output_bytes)}) but a device has {b(available)} "
+        f"(mesh data={data}, model={model}; batch {p.batch_size} x {p.length}). Try:\n  - " + "\n  - ".join(hints)
+    )
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / GIB:8.3f} GiB" if n >= 0.1 * GIB else f"{n / 1024**2:8.2f} MiB"
+
+
+def report(p: Plan) -> str:
+    """A human-readable table of the plan."""
+    mesh = f"data={p.mesh['data']}, model={p.mesh['model']} ({p.devices} devices)"
+    rows = [
+        ("mesh", mesh),
+        ("parameters", f"{p.param_count:,} ({_fmt_bytes(p.total_param_bytes).strip()} unsharded)"),
+        ("global batch", f"{p.batch_size} x {p.length} = {p.tokens_per_step:,} tokens"
+                         + (f", {p.microbatches} microbatches" if p.microbatches > 1 else "")),
+        ("per device:", ""),
+        ("  parameters", _fmt_bytes(p.param_bytes)),
+        ("  optimizer state", _fmt_bytes(p.opt_state_bytes)),
+        ("  batch", _fmt_bytes(p.batch_bytes)),
+        ("  temporaries (activations, grads)", _fmt_bytes(p.temp_bytes)),
+        ("  outputs not donated", _fmt_bytes(p.output_bytes)),
+        ("  total needed", _fmt_bytes(p.needed_bytes)),
+    ]
+    if p.device_memory_bytes:
+        rows.append(("  available", _fmt_bytes(p.device_memory_bytes)
+                     + f"  ({100 * p.needed_bytes / p.device_memory_bytes:.0f}% used)"))
+    rows += [
+        ("model FLOPs per token", f"{p.model_flops_per_token:.4g}"),
+        ("hardware FLOPs per token", f"{p.hardware_flops_per_token:.4g} (with the recomputed forward)"),
+        ("model FLOPs per device per step", f"{p.model_flops_per_device:.4g}"),
+        ("peak FLOP/s per device", f"{p.peak_flops:.4g}, {100 * p.utilization:.0f}% sustained (assumed)"),
+        ("expected MFU", f"{100 * p.expected_mfu:.1f}%"),
+        ("step time", f"{p.step_seconds:.3g} s"),
+        ("tokens/s (whole mesh)", f"{p.tokens_per_second:,.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=64,model=4' -> {'data': 64, 'model': 4} (a missing axis is 1)."""
+    mesh = {"data": 1, "model": 1}
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in mesh or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {text!r}: expected data=D,model=M with positive integers, e.g. data=64,model=4.")
+        mesh[name.strip()] = int(value)
+    return mesh
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("mesh", "data=8,model=1", "Mesh shape, e.g. data=64,model=4 (data x model simulated devices).")
+    flags.DEFINE_integer("batch_size", None, "Global batch size (default: the BATCH_SIZE macro).")
+    flags.DEFINE_integer("length", None, "Sequence length (default: TASK_FEATURE_LENGTHS['targets'], else max_length).")
+    flags.DEFINE_integer("microbatches", None, "Gradient accumulation (default: train.train.microbatches or 1).")
+    flags.DEFINE_string("device_kind", "TPU v4", f"Target chip for peak FLOP/s and memory: one of {sorted(DEVICE_MEMORY_GB)}.")
+    flags.DEFINE_float("peak_flops", None, "Peak FLOP/s per device (default: the datasheet figure of --device_kind).")
+    flags.DEFINE_float("device_memory_gb", None, "Memory per device in GiB (default: that of --device_kind).")
+    flags.DEFINE_float("utilization", 0.6, "Assumed fraction of peak FLOP/s the chips sustain (for time and MFU).")
+    flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead of a table.")
+
+
+def _macro(name: str, default=None):
+    import gin
+
+    try:
+        value = gin.query_parameter(f"%{name}")
+    except (ValueError, KeyError):
+        return default
+    return default if isinstance(value, gin.config.ConfigurableReference) else value  # e.g. %gin.REQUIRED
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+
+    fl = flags.FLAGS
+    mesh = parse_mesh(fl.mesh)
+    n = mesh["data"] * mesh["model"]
+    # Simulated devices: must be set before the JAX backend starts (olmax.* imports jax, lazily here).
+    if "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import gin
+    import jax
+
+    from olmax import gin_utils, optim, partitioning, perf
+
+    if jax.device_count() < n:
+        raise SystemExit(f"The mesh needs {n} devices but JAX has {jax.device_count()}; run the planner in a fresh "
+                         "process (it sets XLA_FLAGS=--xla_force_host_platform_device_count itself).")
+    gin_utils.parse_from_flags(run_file="runs/pretrain.gin")
+    model = _model_from_gin()
+    batch_size = fl.batch_size or _macro("BATCH_SIZE", 128)
+    lengths = _macro("TASK_FEATURE_LENGTHS")
+    length = fl.length or (lengths.get("targets") if isinstance(lengths, dict) else None) or model.config.max_length
+    microbatches = fl.microbatches or _bound("train.train.microbatches", 1)
+    if fl.device_kind not in DEVICE_MEMORY_GB and (fl.peak_flops is None or fl.device_memory_gb is None):
+        raise SystemExit(f"--device_kind={fl.device_kind!r} is not one of {sorted(DEVICE_MEMORY_GB)}; "
+                         "give --peak_flops and --device_memory_gb instead.")
+    peak = fl.peak_flops or perf.DATASHEET_PEAK[fl.device_kind]
+    memory_gb = fl.device_memory_gb if fl.device_memory_gb is not None else DEVICE_MEMORY_GB[fl.device_kind]
+    partitioner = partitioning.PjitPartitioner(mesh_shape=mesh, devices=jax.devices()[:n])
+    total_steps = _macro("TRAIN_STEPS", None) or 10000  # shapes the LR schedule only, never the memory
+    optimizer = functools.partial(optim.create_optimizer, total_steps=total_steps)
+    try:
+        p = plan(model, partitioner, int(batch_size), int(length), optimizer, int(microbatches), peak,
+                 fl.utilization, int(memory_gb * GIB))
+    except ValueError as e:
+        raise SystemExit(f"olmax.plan: {e}") from None
+    print(json.dumps(p.as_dict()) if fl.json else report(p), flush=True)
+    try:
+        check_fits(p)
+    except DoesNotFit as e:
+        print(f"\nolmax.plan: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if not fl.json:
+        print(f"\nFits: {_fmt_bytes(p.needed_bytes).strip()} of {memory_gb:g} GiB per device.", flush=True)
+
+
+def _bound(name: str, default):
+    import gin
+
+    try:
+        return gin.query_parameter(name)
+    except (ValueError, KeyError):
+        return default
+
+
+def _model_from_gin():
+    """Evaluates %MODEL from the user's Gin files (registered here, not at import: `python -m`
+    runs this file twice, as __main__ and as olmax.plan, and Gin names must be unique)."""
+    import gin
+
+    @gin.configurable("olmax_plan_model")
+    def bound(model=None):
+        return model
+
+    gin.parse_config("olmax_plan_model.model = %MODEL")
+    return bound()
+
+
+def console_main():
+    from olmax import gin_utils
+
+    _define_flags()
+    gin_utils.run(main)
+
+
+if __name__ == "__main__":
+    from olmax import plan as _plan
+
+    _plan.console_main()

@@ -1,0 +1,134 @@
+"""The launchers' dry runs print exactly the commands / job spec they would run (no cloud, no xmanager)."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch import local, shell_join, tpu_vm, xm_launch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN = ["--gin_file=gin/models/small.gin", "--gin.MODEL_DIR='gs://bucket/run 1'",
+       "--gin.TASK_FEATURE_LENGTHS={'targets': 2048}", "--gin.TRAIN_STEPS=100"]
+
+
+def _lines(capsys, main, argv):
+    assert main(argv) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def test_shell_join_round_trips():
+    args = ["a b", "--gin.X='y'", 'q"uote', "$HOME", "", "it's", "{'targets': 64}", "--command=cd ~ && x \"--gin.Y='z'\""]
+    assert shlex.split(shell_join(args)) == args
+    assert shell_join(["--gin.MODEL_DIR='runs/x'"]) == "\"--gin.MODEL_DIR='runs/x'\""
+
+
+def test_local_dry_run(capsys):
+    lines = _lines(capsys, local.main, ["--num_processes", "2", "--devices_per_process", "2", "--port", "4321",
+                                        "--dry_run", "--", *GIN])
+    assert lines[-1] == "wait" and len(lines) == 3
+    for i, line in enumerate(lines[:2]):
+        words = shlex.split(line.rstrip(" &"))
+        env = dict(w.split("=", 1) for w in words[:2])
+        assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        assert words[2:5] == [sys.executable, "-m", "olmax.train"]
+        assert words[5:9] == GIN  # forwarded unchanged
+        assert words[9:] == ["--coordinator_address=127.0.0.1:4321", "--process_count=2", f"--process_index={i}"]
+
+
+def test_local_environment_and_errors():
+    env = local.process_env(1, 4, "cpu", {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"})
+    assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
+    assert local.process_env(1, 2, "gpu", {})["CUDA_VISIBLE_DEVICES"] == "2,3"
+    with pytest.raises(ValueError, match="sets the multi-host flags itself"):
+        local.commands(2, 1, ["--process_index=0"])
+
+
+def test_local_runs_every_process_and_stops_the_rest_when_one_fails(capsys):
+    ok = [({}, [sys.executable, "-c", f"print('hello from {i}')"]) for i in range(2)]
+    assert local.run(ok) == 0
+    out = capsys.readouterr().out
+    assert "[0] hello from 0" in out and "[1] hello from 1" in out
+    failing = [({}, [sys.executable, "-c", "import sys; sys.exit(3)"]),
+               ({}, [sys.executable, "-c", "import time; time.sleep(60)"])]
+    t = time.time()
+    assert local.run(failing, grace_s=5) == 3
+    assert time.time() - t < 30
+    assert "process 0 exited with status 3; stopping the others" in capsys.readouterr().out
+
+
+def test_local_is_runnable_from_the_checkout():
+    proc = subprocess.run([sys.executable, "-m", "launch.local", "--num_processes", "3", "--dry_run", "--",
+                           "--gin_file=gin/quickstart.gin"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--process_index=2" in proc.stdout and "--process_count=3" in proc.stdout
+
+
+def _remote_argv(line):
+    """The argv a worker runs, from a `gcloud ... ssh --command=...` line."""
+    (command,) = [w[len("--command="):] for w in shlex.split(line) if w.startswith("--command=")]
+    return command, shlex.split(command)
+
+
+def test_tpu_vm_dry_run(capsys):
+    lines = _lines(capsys, tpu_vm.main, ["--tpu", "olmax-pod", "--zone", "us-central2-b", "--project", "p1",
+                                         "--accelerator_type", "v4-32", "--spot", "--dry_run", "--", *GIN])
+    text = "\n".join(lines)
+    assert lines[0].startswith("gcloud compute tpus tpu-vm describe olmax-pod") and "reuse" in lines[0]
+    assert "gcloud compute tpus tpu-vm create olmax-pod --accelerator-type=v4-32" in lines[1] and "--spot" in lines[1]
+    assert "git ls-files" in lines[2] and "tar czf" in lines[2]
+    assert "tpu-vm scp /tmp/olmax-src.tar.gz olmax-pod:" in lines[3] and "--worker=all" in lines[3]
+    assert "--worker=all" in lines[4] and 'pip install -q -e ".[tpu]"' in lines[4]
+    command, argv = _remote_argv(lines[5])
+    assert "--worker=all" in lines[5] and "--zone=us-central2-b" in lines[5] and "--project=p1" in lines[5]
+    start = argv.index("python3")
+    assert argv[start:start + 3 + len(GIN)] == ["python3", "-m", "olmax.train", *GIN]  # every worker, same command
+    assert "--coordinator_address" not in text  # a TPU VM pod finds its processes itself
+
+
+def test_tpu_vm_git_and_detach(capsys):
+    lines = _lines(capsys, tpu_vm.main, ["--tpu", "t", "--zone", "z", "--git_url", "https://example.com/olmax.git",
+                                         "--git_ref", "v1", "--detach", "--env", "TFDS_DATA_DIR=gs://b/tfds",
+                                         "--dry_run", "--", *GIN])
+    assert "git clone https://example.com/olmax.git" in lines[2] and "checkout -q v1" in lines[2]
+    command, argv = _remote_argv(lines[3])
+    assert "nohup" in argv and "export TFDS_DATA_DIR=gs://b/tfds;" in command and "--worker=all" in lines[3]
+    assert "--worker=0" in lines[4] and "tail" in lines[4]
+    lines = _lines(capsys, tpu_vm.main, ["--tpu", "t", "--zone", "z", "--skip_install", "--dry_run", "--", *GIN])
+    assert len(lines) == 3 and "olmax.train" in lines[2]
+
+
+def test_xm_dry_run_spec(capsys):
+    out = _lines(capsys, xm_launch.main, ["--accelerator=tpu_v3", "--accelerator_count=32", "--model_dir=gs://b/x",
+                                          "--tfds_data_dir=gs://b/tfds", "--gin.RANDOM_SEED=3", "--dry_run", "--",
+                                          *GIN[:1], *GIN[2:]])
+    spec = json.loads("\n".join(out))
+    assert spec["executor"] == "xm_local.Vertex" and spec["requirements"] == {"tpu_v3": 32}
+    assert spec["entrypoint"] == ["python3 -m olmax.train"]
+    assert spec["args"] == ["--gin.RANDOM_SEED=3", *GIN[:1], *GIN[2:], "--gin.MODEL_DIR='gs://b/x'",
+                            "--tfds_data_dir=gs://b/tfds"]
+    assert 'RUN python3 -m pip install -e ".[tpu]"' in spec["docker_instructions"]
+    assert shlex.split(spec["command"]) == ["python3", "-m", "olmax.train", *spec["args"]]
+
+
+def test_xm_errors(capsys):
+    with pytest.raises(SystemExit):
+        xm_launch.main(["--accelerator=tpu_v9", "--model_dir=gs://b", "--dry_run", "--", *GIN[:1]])
+    assert "tpu_vm.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        xm_launch.main(["--dry_run", "--", *GIN[:1]])
+    assert "--model_dir" in capsys.readouterr().err
+
+
+def test_xm_builds_xmanager_objects_when_installed():
+    pytest.importorskip("xmanager")
+    import argparse
+
+    args = argparse.Namespace(name="olmax", accelerator="tpu_v3", accelerator_count=8, model_dir="gs://b/x",
+                              tfds_data_dir=None, module="olmax.train", base_image=xm_launch.BASE_IMAGE)
+    executor, packageable, job_args = xm_launch.build(xm_launch.job_spec(args, GIN[:1]))
+    assert job_args[-1] == "--gin.MODEL_DIR='gs://b/x'"
+    assert packageable.executable_spec.entrypoint.commands == ["python3 -m olmax.train"]
