@@ -74,7 +74,7 @@ def test_moe_losses_enter_the_loss():
     cfg = dataclasses.replace(CFG, num_experts=4, capacity_factor=1.0)
     model = models.DecoderOnlyLM(network.Olmax(cfg), z_loss=0.0, moe_aux_loss=0.0, moe_z_loss=0.0)
     with_aux = models.DecoderOnlyLM(network.Olmax(cfg), z_loss=0.0, moe_aux_loss=0.5, moe_z_loss=0.25)
-    params = jax.jit(model.get_initial_variables, static_argnums=1)(jax.random.PRNGKey(0), {"decoder_input_tokens": (2, 32)})["params"]
+    params = jax.jit(lambda r: model.get_initial_variables(r, {"decoder_input_tokens": (2, 32)}))(jax.random.PRNGKey(0))["params"]
     batch = _batch(np.random.RandomState(1))
     l0, m0 = jax.jit(model.loss_fn)(params, batch, None)
     l1, m1 = jax.jit(with_aux.loss_fn)(params, batch, None)
