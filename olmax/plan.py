@@ -21,7 +21,8 @@ multi-billion-parameter model plans on a laptop. It reports, per device:
       reversible stack (or remat) recomputes it in the backward pass;
   step time, tokens/s, expected MFU     hardware FLOPs per device / (peak FLOP/s x
       --utilization, the fraction of peak the chips sustain), and
-      MFU = utilization x model / hardware FLOPs.
+      MFU = utilization x model / hardware FLOPs. Compute only: the gradient
+      all-reduce and the model-parallel collectives are not modeled.
 XLA's own cost analysis is not used for time: it counts a loop body once, and
 the layer stack is a scan.
 
