@@ -92,8 +92,9 @@ def infer(
         new = min(max_decode_length, model.config.max_length - len(tokens) + 1)
         out = decoding.generate(model, params, batch, np.full(num_samples, len(tokens)), rng, new, **sample_kw)
         texts = [_decode(vocab, row) for row in np.asarray(out)]
-        for t in texts:
-            print(prompt + t, flush=True)
+        if jax.process_index() == 0:
+            for t in texts:
+                print(prompt + t, flush=True)
         return texts
 
     output_dir = output_dir or os.path.join(directory, "infer")
