@@ -121,14 +121,3 @@ def test_xm_errors(capsys):
     with pytest.raises(SystemExit):
         xm_launch.main(["--dry_run", "--", *GIN[:1]])
     assert "--model_dir" in capsys.readouterr().err
-
-
-def test_xm_builds_xmanager_objects_when_installed():
-    pytest.importorskip("xmanager")
-    import argparse
-
-    args = argparse.Namespace(name="olmax", accelerator="tpu_v3", accelerator_count=8, model_dir="gs://b/x",
-                              tfds_data_dir=None, module="olmax.train", base_image=xm_launch.BASE_IMAGE)
-    executor, packageable, job_args = xm_launch.build(xm_launch.job_spec(args, GIN[:1]))
-    assert job_args[-1] == "--gin.MODEL_DIR='gs://b/x'"
-    assert packageable.executable_spec.entrypoint.commands == ["python3 -m olmax.train"]
