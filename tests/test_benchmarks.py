@@ -1,0 +1,176 @@
+"""benchmarks/run.py: `--quick` runs every section and writes well-formed outputs.
+
+Checks the format (files, tables, finite positive numbers, valid PNGs), never timings.
+"""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `benchmarks` is a folder of the checkout, not an installed package
+    sys.path.insert(0, REPO)
+
+from benchmarks import common, run  # noqa: E402
+
+MISSING = common.MISSING
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# section -> (expected header, number of leading label columns, expected row count under --quick)
+EXPECTED = {
+    "memory": (["depth", "params", "reversible MiB", "remat MiB", "plain MiB"], 0, len(run.QUICK.mem_depths)),
+    "throughput": (
+        ["length", "K", "batch", "axial tok/s", "attention tok/s", "axial / attention", "axial MFLOP/tok",
+         "attention MFLOP/tok", "axial temp MiB", "attention temp MiB"],
+        0,
+        len(run.QUICK.tp_lengths),
+    ),
+    "quality": (["model", "params", "steps", "train s", "s/step (median)", "val bpb @ step", "val bpb @",
+                 "final val bpb"], 1, 2),
+    "ablations": (["variant", "placement", "norm", "init seed", "params", "val bpb @ step", "train loss (last chunks)",
+                   "step s (min)", "step s (median)", "step time / Olmax (min)"], 4, 4),
+    "mfu": (["config", "params", "length", "batch", "step s (min)", "tokens/s", "model MFLOP/token", "peak GFLOP/s",
+             "MFU %", "MFU % (medians)"], 1, 1),
+}
+TARGETS_HEADER = ["claim", "target", "measured", "met"]
+
+
+def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every markdown table in `text`: (header, rows of cells)."""
+    out, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            assert len(block) >= 2 and set("".join(block[1])) <= set("-:"), f"malformed table: {block[:2]}"
+            out.append((block[0], block[2:]))
+            block = []
+    return out
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("x%"))
+
+
+def check_png(path: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(24)
+        size = 24 + len(f.read())
+    assert head[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert head[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width > 100 and height > 100 and size > 2000, (path, width, height, size)
+
+
+def check_section(out: str, name: str, rows_expected: int | None, allow_missing: bool) -> None:
+    header, labels, n_rows = EXPECTED[name]
+    with open(os.path.join(out, f"{name}.md")) as f:
+        text = f.read()
+    found = tables(text)
+    assert found, f"{name}.md has no table"
+    head, rows = found[0]
+    assert len(head) == len(header), (name, head)
+    for got, want in zip(head, header):
+        assert got.startswith(want), (name, got, want)
+    assert len(rows) == (n_rows if rows_expected is None else rows_expected), (name, rows)
+    for row in rows:
+        assert len(row) == len(head), (name, row)
+        for col, value in zip(head[labels:], row[labels:]):
+            if value == MISSING and allow_missing:
+                continue
+            x = number(value)
+            assert math.isfinite(x) and x > 0, f"{name}: {col} = {value!r}"
+    targets = [t for t in found if t[0] == TARGETS_HEADER]
+    assert len(targets) == 1, f"{name}.md should have one targets table"
+    for row in targets[0][1]:
+        assert row[3] in ("met", "MISSED"), row
+    for line in text.splitlines():  # every plot the page shows exists and is a PNG
+        if line.startswith("!["):
+            check_png(os.path.join(out, line.split("](", 1)[1].rstrip(")")))
+    with open(os.path.join(out, f"{name}.json")) as f:
+        data = json.load(f)
+    assert data["name"] == name and data["context"]["hardware"]["cores"] >= 1
+    assert data["context"]["seconds"] > 0
+    check_png(os.path.join(out, f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench"))
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it (conftest asks for 8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", out],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_quick_section_outputs(quick_results, name):
+    out, _ = quick_results
+    check_section(out, name, None, allow_missing=False)
+
+
+@pytest.mark.slow
+def test_quick_summary_and_printed_tables(quick_results):
+    out, stdout = quick_results
+    with open(os.path.join(out, "summary.md")) as f:
+        text = f.read()
+    (head, rows), = tables(text)
+    assert head == TARGETS_HEADER
+    n_targets = sum(len(json.load(open(os.path.join(out, f"{n}.json")))["targets"]) for n in EXPECTED)
+    assert len(rows) == n_targets >= len(EXPECTED)
+    for name in EXPECTED:  # the tables are printed too
+        assert f"== {name}" in stdout
+    assert stdout.count("| claim | target | measured | met |") == len(EXPECTED) + 1
+
+
+def test_unknown_section_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--only", "memory,speed"])
+    assert "speed" in capsys.readouterr().err
+
+
+def test_attention_twin_has_equal_parameters():
+    cfg = common.olmax_config(64, 2, 1024)
+    twin = common.attention_twin(cfg)
+    assert twin.mixer == "attention" and twin.conv_features < cfg.conv_features
+    n_axial = run.models.param_count(common.param_shapes(cfg))
+    n_attention = run.models.param_count(common.param_shapes(twin))
+    assert abs(n_attention - n_axial) / n_axial < 0.005, (n_axial, n_attention)
+
+
+def test_markdown_table_round_trip():
+    header = ["a", "b", "c"]
+    text = common.markdown_table(header, [["x", 1234567, 0.5], ["y", float("nan"), None]])
+    ((head, rows),) = tables(text)
+    assert head == header
+    assert rows == [["x", "1,234,567", "0.5"], ["y", MISSING, MISSING]]
+
+
+def test_interleaved_alternates_order():
+    calls = []
+    common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_committed_results_are_well_formed(name):
+    if not os.path.exists(os.path.join(RESULTS, f"{name}.md")):
+        pytest.skip(f"no committed benchmarks/results/{name}.md")
+    with open(os.path.join(RESULTS, f"{name}.json")) as f:
+        quick = json.load(f)["context"]["quick"]
+    rows = None if quick else {
+        "memory": len(run.Sizes().mem_depths), "throughput": len(run.Sizes().tp_lengths)
+    }.get(name, EXPECTED[name][2])
+    check_section(RESULTS, name, rows, allow_missing=True)
