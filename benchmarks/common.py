@@ -15,7 +15,6 @@ import os
 import platform
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import jax
@@ -24,7 +23,10 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, safe in threads
 
-from olmax import models, network, optim, partitioning, train, utils
+from olmax import models, network, optim, partitioning
+
+# olmax.train and olmax.utils import tensorflow and seqio (seconds): only the sections
+# that train import them, inside the functions below.
 
 matplotlib.use("Agg")
 
@@ -150,7 +152,9 @@ def hardware_line(hw: dict[str, Any]) -> str:
 class Batches:
     """A seeded stream of a split, cached, so every model sees the same batches in the same order."""
 
-    def __init__(self, cfg: utils.DatasetConfig, num_epochs: int | None = None):
+    def __init__(self, cfg, num_epochs: int | None = None):
+        from olmax import utils
+
         self._it: Iterator[dict] = utils.batches(utils.get_dataset(cfg, 1, num_epochs=num_epochs))
         self._cache: list[dict] = []
 
@@ -171,6 +175,8 @@ class Batches:
 
 @functools.lru_cache(maxsize=None)
 def stdlib_batches(split: str, batch: int, length: int, shuffle: bool) -> Batches:
+    from olmax import utils
+
     cfg = utils.DatasetConfig(
         mixture_or_task_name="olmax_stdlib", task_feature_lengths={"targets": length}, split=split,
         batch_size=batch, shuffle=shuffle, seed=0,
@@ -204,6 +210,7 @@ def _program(cfg: network.OlmaxConfig, batch_shape: tuple[int, int], learning_ra
     """Built once per config: sections that train the same model (quality's Olmax is the
     ablations' baseline, and the quick MFU model) share the compilation."""
     import olmax_tasks  # registers the tasks; its byte vocabulary gives bits per byte
+    from olmax import train
 
     lm = models.DecoderOnlyLM(network.Olmax(cfg), olmax_tasks.byte_vocabulary())
     partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
@@ -229,6 +236,8 @@ def _program(cfg: network.OlmaxConfig, batch_shape: tuple[int, int], learning_ra
 @functools.lru_cache(maxsize=None)
 def _initial_state(program: _Program, seed: int):
     """The initial train state of `seed` on the host, and its shardings."""
+    from olmax import train
+
     setup = train.TrainSetup(program.lm, program.partitioner, program.batch_shape, program.optimizer, random_seed=seed)
     return jax.device_get(setup.init_state()), setup.state_shardings
 
@@ -309,22 +318,6 @@ class Trainee:
         """Validation bpb at `seconds` of training, linear between evaluations."""
         xs = [p.seconds for p in self.curve]
         return float(np.interp(seconds, xs, [p.bpb for p in self.curve]))
-
-
-def make_trainees(specs: dict[str, tuple[network.OlmaxConfig, int]], *args, **kw) -> list[Trainee]:
-    """Trainee(name, cfg, *args, seed=seed, **kw) for each name: (cfg, seed), built in 2
-    threads (tracing holds the GIL, XLA's compilations overlap). Trainees of the same
-    config are built one after the other, so that they share one compilation."""
-    groups: dict[network.OlmaxConfig, list[str]] = {}
-    for name, (cfg, _) in specs.items():
-        groups.setdefault(cfg, []).append(name)
-
-    def build(names: list[str]) -> list[Trainee]:
-        return [Trainee(n, specs[n][0], *args, seed=specs[n][1], **kw) for n in names]
-
-    with ThreadPoolExecutor(2) as pool:
-        built = {t.name: t for ts in pool.map(build, groups.values()) for t in ts}
-    return [built[n] for n in specs]
 
 
 def race_by_time(trainees: list[Trainee], chunk_steps: int, budget_s: float, log: Callable[[str], None]) -> None:

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -361,7 +362,7 @@ def quality(s: Sizes, out: str) -> Section:
     data, val = _stdlib_data(s)
     olmax_cfg = common.olmax_config(s.q_features, s.q_depth, s.q_length, conv_features=s.q_conv_features)
     cfgs = {"olmax (axial)": olmax_cfg, "attention": common.attention_twin(olmax_cfg)}
-    trainees = common.make_trainees({n: (c, 0) for n, c in cfgs.items()}, (s.q_batch, s.q_length), data, val)
+    trainees = [common.Trainee(n, c, (s.q_batch, s.q_length), data, val) for n, c in cfgs.items()]
     common.race_by_time(trainees, s.q_chunk, s.q_budget_s, log)
     ol, at = trainees
     steps = min(t.step for t in trainees)
@@ -429,7 +430,7 @@ def ablations(s: Sizes, out: str) -> Section:
         "sandwich + layer": (dataclasses.replace(base, norm="layer"), 0),
         "sandwich + rms, seed 1": (base, 1),  # the noise floor: the same model from another initialization
     }
-    trainees = common.make_trainees(specs, (s.q_batch, s.q_length), data, val)
+    trainees = [common.Trainee(n, c, (s.q_batch, s.q_length), data, val, seed=seed) for n, (c, seed) in specs.items()]
     for t in trainees:  # a first chunk each tells how many steps fit the budget
         t.train(s.abl_chunk)
     per_round = sum(float(np.median(t.step_times)) for t in trainees)
@@ -501,7 +502,8 @@ def ablations(s: Sizes, out: str) -> Section:
             "(the ratio and the speed target use the fastest, the least disturbed by other jobs).",
             f"PreNorm drops one norm per branch: its step is {100 * speed_pre:+.1f}% vs SandwichLN.",
             "The seed README's figures come from ~6k steps of a larger model on the Pile, with its L2 norm "
-            "(not a true RMSNorm); a few hundred CPU steps of a 1.4M-parameter model can only show large effects.",
+            f"(not a true RMSNorm); {steps} CPU steps of a {b.params / 1e6:.2g}M-parameter model can only show "
+            "large effects.",
         ],
         plots=[plot],
         data={"curves": {t.name: [dataclasses.asdict(p) for p in t.curve] for t in trainees}},
@@ -603,12 +605,25 @@ def write_summary(out: str) -> str:
     return text
 
 
+# --quick is compile-bound and its timings mean nothing: a second process runs these
+# sections meanwhile (they import no tensorflow), to use both cores of a small machine.
+SIDE_LANE = ("memory", "throughput")
+
+
+def start_side_lane(names: list[str], out: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", ",".join(names), "--out", out, "--no_summary"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (< 60 s): checks that everything runs")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--out", default=None, help=f"output folder (default {os.path.relpath(RESULTS)}; "
                         "with --quick a temporary folder)")
+    parser.add_argument("--no_summary", action="store_true", help=argparse.SUPPRESS)  # a --quick side lane
     args = parser.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = [x for x in only if x not in SECTIONS]
@@ -616,9 +631,13 @@ def main(argv=None) -> None:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     if args.quick:  # compile faster (quick numbers only show that everything runs); before JAX starts
         flags = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        if flags not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
     out = args.out or (tempfile.mkdtemp(prefix="olmax_benchmarks_") if args.quick else RESULTS)
     os.makedirs(out, exist_ok=True)
+    names = [n for n in SECTIONS if n in only]
+    side = [n for n in names if n in SIDE_LANE] if args.quick and not args.no_summary else []
+    lane = start_side_lane(side, out) if side and len(side) < len(names) else None
     sizes = QUICK if args.quick else Sizes()
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "") + (
         f" --only {','.join(only)}" if only != list(SECTIONS) else "")
@@ -636,18 +655,16 @@ def main(argv=None) -> None:
         log(text)
         return text
 
-    names = [n for n in SECTIONS if n in only]
-    if args.quick:
-        # Two lanes of sections at once: quick is compile-bound (one core per XLA
-        # compilation) and its timings mean nothing. mfu after quality: it reuses
-        # quality's compiled train step. (cpu_seconds then counts both lanes.)
-        lanes = [[n for n in names if n in ("memory", "throughput")], [n for n in names if n not in ("memory", "throughput")]]
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda lane: [run_section(n) for n in lane], lanes))
-    else:
-        for name in names:
+    for name in names:
+        if lane is None or name not in side:
             run_section(name)
-    log(write_summary(out))
+    if lane is not None:
+        output, _ = lane.communicate()
+        log(output)
+        if lane.returncode:
+            raise SystemExit(f"benchmark sections {','.join(side)} failed (exit {lane.returncode})")
+    if not args.no_summary:
+        log(write_summary(out))
     log(f"done in {time.perf_counter() - start:.0f} s; results in {out}")
 
 
