@@ -426,6 +426,161 @@ class Attention(nn.Module):
         return jnp.einsum("bte,ed->btd", out, wo), zero_aux()
 
 
+# --------------------------------------------------------------- axial recall mixer
+
+
+def taylor_features(x: Array) -> Array:
+    """phi(x) with phi(q) . phi(k) = 1 + s + s^2 / 2, s = q . k / sqrt(r): the second-order
+    Taylor expansion of exp(s), positive everywhere (>= 1/2), so it can normalize.
+
+    x: [..., r] -> [..., 1 + r + r^2], fp32.
+    """
+    x = x.astype(jnp.float32)
+    r = x.shape[-1]
+    outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], r * r)
+    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / r**0.25, outer / math.sqrt(2.0 * r)], axis=-1)
+
+
+def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array, block: int) -> Array:
+    """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
+
+    q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
+    seg: [b, t] segment ids (contiguous segments, as packing makes them) -> [b, t, h, c].
+
+    Output t is the sum of two normalized reads of the values v[s], s <= t, same segment:
+      window  softmax(q_t . k_s / sqrt(c)) over the last K positions (lags 0..K-1): the
+              offset axis, exact attention, computed from block n and block n-1;
+      recall  phi(ql_t) . phi(kl_s) (Taylor kernel, linear attention) over every older
+              position (lags >= K): block n-1's offsets j <= k pairwise, and blocks
+              <= n-2 through per-block states sum_s phi(kl_s) v_s^T [F, c]: the block axis.
+    Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = 1 + r + r^2: O(N^1.5) at K = sqrt(N).
+    """
+    bsz, length, h, c = q.shape
+    r = ql.shape[-1]
+    n = -(-length // block)
+    pad = n * block - length
+
+    def grid(a: Array) -> Array:  # [b, t, ...] -> [b, n, K, ...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return a.reshape(bsz, n, block, *a.shape[2:])
+
+    q, k, v, ql, kl = map(grid, (q, k, v, ql, kl))
+    # Padding gets segment -1: distinct from every real segment and from id 0.
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, n, block)
+    k_prev, v_prev, kl_prev = (shift_right(a, 1) for a in (k, v, kl))  # block n-1 at n
+    seg_prev = shift_right(seg, 1) + jnp.where(jnp.arange(n) == 0, -2, 0)[None, :, None]
+    i = jnp.arange(block)
+    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,n,k,j] lag k-j
+    same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
+    in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
+
+    # Window: softmax over own block (j <= k) and block n-1 (j > k), fp32.
+    s_own = jnp.einsum("bnkhc,bnjhc->bnhkj", q, k).astype(jnp.float32) / math.sqrt(c)
+    s_prev = jnp.einsum("bnkhc,bnjhc->bnhkj", q, k_prev).astype(jnp.float32) / math.sqrt(c)
+    logits = jnp.concatenate(
+        [jnp.where(same_own[:, :, None], s_own, -1e30), jnp.where((same_prev & in_window)[:, :, None], s_prev, -1e30)],
+        axis=-1,
+    )
+    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # the diagonal is always allowed
+    y = jnp.einsum("bnhkj,bnjhc->bnkhc", p[..., :block], v) + jnp.einsum("bnhkj,bnjhc->bnkhc", p[..., block:], v_prev)
+
+    # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
+    s = jnp.einsum("bnkhr,bnjhr->bnhkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
+    kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window)[:, :, None]
+    num = jnp.einsum("bnhkj,bnjhc->bnkhc", kern, v_prev.astype(jnp.float32))
+    den = jnp.einsum("bnhkj->bnkh", kern)
+    # Recall from blocks m <= n-2: each block's state holds its tokens of the segment that
+    # is open at the block's end (`last`); a query reads it only if its own segment is that
+    # one and already open at block n-1's end (contiguous segments make this exact).
+    last = seg[:, :, -1]  # [b,n]
+    fk = taylor_features(kl) * (seg == last[..., None])[..., None, None]  # [b,n,k,h,F]
+    states = jnp.einsum("bnkhf,bnkhc->bnhfc", fk, v.astype(jnp.float32))
+    norms = jnp.sum(fk, axis=2)  # [b,n,h,F]
+    last_prev = seg_prev[:, :, -1]  # last[n-1]
+    m = jnp.arange(n)
+    use = (m[None, :] <= m[:, None] - 2)[None] & (last[:, None, :] == last_prev[:, :, None])  # [b,n,m]
+    use = use.astype(jnp.float32)
+    fq = taylor_features(ql) * (seg == last_prev[..., None])[..., None, None]  # [b,n,k,h,F]
+    num += jnp.einsum("bnkhf,bnm,bmhfc->bnkhc", fq, use, states)
+    den += jnp.einsum("bnkhf,bnm,bmhf->bnkh", fq, use, norms)
+    y = y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype)
+    return y.reshape(bsz, n * block, h, c)[:, :length]
+
+
+class RecallMixer(nn.Module):
+    """Axial recall mixer: content-addressed token mixing at O(N^1.5), Olmax's default mixer.
+
+    The fixed lag filters of the AxialMixer cannot look a value up by its key. This mixer
+    keeps the same grid but mixes by content (see `axial_recall`): exact softmax attention
+    over a sliding window of K positions (the offset axis), and a Taylor-kernel linear
+    attention over everything older, read from per-block states (the block axis). Both
+    are normalized reads of the same values; heads `num_heads`, recall features
+    `recall_features` per head. Strictly causal, full causal receptive field in one layer
+    (the kernel is >= 1/2 for every pair), packed segments mixed as if alone.
+
+    A decode step keeps the last K keys, values and recall keys [b, K, h, *] and the recall
+    state [b, h, F, c] with its normalizer [b, h, F] (fp32): the position leaving the
+    window is added to the state, the new one enters it. O(K c + F c) per head and token.
+    """
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
+        cfg = self.config
+        bsz, length, d = x.shape
+        h, r, block = cfg.num_heads, cfg.recall_features, cfg.mixer_block
+        c = d // h
+        init = fan_in_normal((0,))
+        names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r}
+        w = {n: param_with_axes(n, init, (d, e), axes=("embed", "heads")).astype(cfg.dtype) for n, e in names.items()}
+        wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
+        if decode is not None:
+            shapes = {"keys": c, "values": c, "recall_keys": r}
+            window = {n: cache_variable(self, decode, n, (bsz, block, h, e), cfg.dtype) for n, e in shapes.items()}
+            feats = 1 + r + r * r
+            state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32)
+            norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
+            if decode == "init":
+                return jnp.zeros_like(x), zero_aux()
+        q, k, v, ql, kl = (jnp.einsum("btd,de->bte", x, w[n]).reshape(bsz, length, h, -1) for n in names)
+        q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
+        if decode == "step":
+            y = recall_step(window, state, norm, q, k, v, ql, kl, ctx.positions[:, 0])
+        else:
+            y = axial_recall(q, k, v, ql, kl, ctx.segment_ids, block)
+            if decode == "prefill":
+                lengths = ctx.prefill_lengths
+                for name, a in zip(shapes, (k, v, kl)):
+                    window[name].value = last_positions(a, lengths, block)
+                older = (jnp.arange(length)[None, :] <= lengths[:, None] - 1 - block).astype(jnp.float32)
+                fk = taylor_features(kl) * older[..., None, None]  # [b,t,h,F]
+                state.value = jnp.einsum("bthf,bthc->bhfc", fk, v.astype(jnp.float32))
+                norm.value = jnp.sum(fk, axis=1)
+        return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
+
+
+def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, t: Array) -> Array:
+    """One position t [b] per row of the recall mixer from its cache; q, k, v, ql, kl [b, 1, h, *]
+    -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step, t-K+1..t after."""
+    keys, values, rkeys = (slide(window[n], a) for n, a in (("keys", k), ("values", v), ("recall_keys", kl)))
+    block = keys.shape[1] - 1
+    # Position t-K leaves the window for the recall state (if it exists).
+    leaving = taylor_features(rkeys[:, 0]) * (t >= block)[:, None, None]  # [b,h,F]
+    state.value = state.value + jnp.einsum("bhf,bhc->bhfc", leaving, values[:, 0].astype(jnp.float32))
+    norm.value = norm.value + leaving
+    keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
+    c = q.shape[-1]
+    logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)
+    valid = t[:, None] - block + 1 + jnp.arange(block)[None, :] >= 0  # [b,j]
+    p = jax.nn.softmax(jnp.where(valid[:, None], logits, -1e30), axis=-1).astype(values.dtype)
+    y = jnp.einsum("bhj,bjhc->bhc", p, values)
+    fq = taylor_features(ql[:, 0])  # [b,h,F]
+    num = jnp.einsum("bhf,bhfc->bhc", fq, state.value)
+    den = jnp.einsum("bhf,bhf->bh", fq, norm.value)
+    return (y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype))[:, None]
+
+
 # ------------------------------------------------------------------ mixture of experts
 
 
@@ -501,7 +656,7 @@ class MoE(nn.Module):
 
 
 BLOCKS = {"conv": ConvBlock, "moe": MoE}
-MIXERS = {"axial": AxialMixer, "attention": Attention}
+MIXERS = {"recall": RecallMixer, "axial": AxialMixer, "attention": Attention}
 
 
 class Block(nn.Module):

@@ -34,7 +34,9 @@ class OlmaxConfig:
     features: int = 256  # d: width of the residual stream
     depth: int = 8  # number of layers; each has len(blocks) residual branches
     max_length: int = 2048  # longest sequence the mixer has filters for
-    mixer: str = "axial"  # "axial" (Olmax) or "attention" (transformer baseline)
+    # "recall" (Olmax: axial recall mixer), "axial" (the seed's MLP-Mixer, fixed filters)
+    # or "attention" (transformer baseline).
+    mixer: str = "axial"
     reversible: bool = True  # False: plain residual + remat
     norm: str = "rms"  # "rms" or "layer"
     placement: str = "sandwich"  # "sandwich" (norm before and after f) or "pre"
@@ -53,8 +55,10 @@ class OlmaxConfig:
     # Axial mixer: block size K (O(N^1.5) at K = sqrt(max_length)) and channel groups.
     mixer_block: int = 64
     mixer_heads: int = 4
-    # Attention baseline.
+    # Heads of the attention baseline and of the recall mixer.
     num_heads: int = 4
+    # Recall mixer: features per head of its linear-attention (Taylor) kernel.
+    recall_features: int = 16
     # Mixture of experts.
     expert_top_k: int = 2
     expert_features: int = 512
@@ -62,7 +66,7 @@ class OlmaxConfig:
     expert_group_size: int = 512
 
     def __post_init__(self):
-        _choice("mixer", self.mixer, ("axial", "attention"))
+        _choice("mixer", self.mixer, ("recall", "axial", "attention"))
         _choice("norm", self.norm, ("rms", "layer"))
         _choice("placement", self.placement, ("sandwich", "pre"))
         _choice("activation", self.activation, ("gelu", "relu", "silu", "leaky_relu"))
@@ -76,7 +80,8 @@ class OlmaxConfig:
             raise ValueError(f"features={self.features} must be divisible by mixer_heads={self.mixer_heads}.")
         if self.features % self.num_heads or (self.features // self.num_heads) % 2:
             raise ValueError(f"features={self.features} / num_heads={self.num_heads} must be an even head size.")
-        for name in ("vocab_size", "features", "depth", "max_length", "mixer_block", "conv_kernel", "conv_features"):
+        for name in ("vocab_size", "features", "depth", "max_length", "mixer_block", "conv_kernel", "conv_features",
+                     "recall_features"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
 

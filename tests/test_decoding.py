@@ -17,6 +17,9 @@ BASE = network.OlmaxConfig(
 # capacity_factor = experts / top_k: every expert can take the whole group, nothing drops.
 MOE = dict(num_experts=4, expert_top_k=2, capacity_factor=2.0)
 VARIANTS = {
+    "recall_rev": dict(mixer="recall", reversible=True),
+    "recall_remat": dict(mixer="recall", reversible=False),
+    "recall_moe_rev": dict(mixer="recall", reversible=True, **MOE),
     "axial_rev": dict(mixer="axial", reversible=True),
     "axial_remat": dict(mixer="axial", reversible=False),
     "attention_rev": dict(mixer="attention", reversible=True),
