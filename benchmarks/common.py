@@ -51,17 +51,13 @@ def olmax_config(features: int, depth: int, length: int, **kw) -> network.OlmaxC
 
 
 def attention_twin(cfg: network.OlmaxConfig) -> network.OlmaxConfig:
-    """The transformer baseline at (nearly) equal parameters.
-
-    Attention adds 4 d^2 projection parameters per mixer branch where the axial mixer
-    has (n_blocks + K) x groups + d; the difference is taken out of the attention
-    model's conv width (a conv branch has 2 k d f parameters).
-    """
-    d, kinds = cfg.features, cfg.layer_blocks
-    n_blocks = -(-cfg.max_length // cfg.mixer_block)
-    extra = kinds.count("mixer") * (4 * d * d - (n_blocks + cfg.mixer_block) * cfg.mixer_heads - d)
-    per_conv_feature = 2 * cfg.conv_kernel * d * kinds.count("conv")
-    return dataclasses.replace(cfg, mixer="attention", conv_features=max(1, cfg.conv_features - round(extra / per_conv_feature)))
+    """The transformer baseline at (nearly) equal parameters: the mixers' parameter
+    difference is taken out of (or added to) the attention model's conv width (a conv
+    branch has 2 k d f parameters)."""
+    att = dataclasses.replace(cfg, mixer="attention")
+    extra = models.param_count(param_shapes(att)) - models.param_count(param_shapes(cfg))
+    per_conv_feature = 2 * cfg.conv_kernel * cfg.features * cfg.layer_blocks.count("conv") * cfg.depth
+    return dataclasses.replace(att, conv_features=max(1, cfg.conv_features - round(extra / per_conv_feature)))
 
 
 def param_shapes(cfg: network.OlmaxConfig, batch_shape: tuple[int, int] = (1, 8)):
@@ -174,14 +170,18 @@ class Batches:
 
 
 @functools.lru_cache(maxsize=None)
-def stdlib_batches(split: str, batch: int, length: int, shuffle: bool) -> Batches:
+def task_batches(task: str, split: str, batch: int, length: int, shuffle: bool) -> Batches:
     from olmax import utils
 
     cfg = utils.DatasetConfig(
-        mixture_or_task_name="olmax_stdlib", task_feature_lengths={"targets": length}, split=split,
+        mixture_or_task_name=task, task_feature_lengths={"targets": length}, split=split,
         batch_size=batch, shuffle=shuffle, seed=0,
     )
     return Batches(cfg, num_epochs=None if shuffle else 1)
+
+
+def stdlib_batches(split: str, batch: int, length: int, shuffle: bool) -> Batches:
+    return task_batches("olmax_stdlib", split, batch, length, shuffle)
 
 
 @dataclasses.dataclass

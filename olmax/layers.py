@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
 if TYPE_CHECKING:  # network.py defines the config and imports this module.
@@ -433,12 +434,20 @@ def taylor_features(x: Array) -> Array:
     """phi(x) with phi(q) . phi(k) = 1 + s + s^2 / 2, s = q . k / sqrt(r): the second-order
     Taylor expansion of exp(s), positive everywhere (>= 1/2), so it can normalize.
 
-    x: [..., r] -> [..., 1 + r + r^2], fp32.
+    x: [..., r] -> [..., F], F = 1 + r + r (r + 1) / 2, fp32. The quadratic term keeps each
+    pair i <= j once: x_i^2 / sqrt(2 r) on the diagonal, x_i x_j / sqrt(r) above it.
     """
     x = x.astype(jnp.float32)
     r = x.shape[-1]
-    outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], r * r)
-    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / r**0.25, outer / math.sqrt(2.0 * r)], axis=-1)
+    i, j = (jnp.asarray(a) for a in np.triu_indices(r))
+    scale = jnp.where(i == j, 1.0 / math.sqrt(2.0 * r), 1.0 / math.sqrt(r))
+    quad = x[..., i] * x[..., j] * scale
+    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / r**0.25, quad], axis=-1)
+
+
+def taylor_size(r: int) -> int:
+    """F, the number of Taylor features of r recall features."""
+    return 1 + r + r * (r + 1) // 2
 
 
 def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array, block: int) -> Array:
@@ -453,58 +462,60 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array,
       recall  phi(ql_t) . phi(kl_s) (Taylor kernel, linear attention) over every older
               position (lags >= K): block n-1's offsets j <= k pairwise, and blocks
               <= n-2 through per-block states sum_s phi(kl_s) v_s^T [F, c]: the block axis.
-    Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = 1 + r + r^2: O(N^1.5) at K = sqrt(N).
+    Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = taylor_size(r): O(N^1.5) at K = sqrt(N).
+    Internally heads lead ([b, h, n, K, ...]) so every contraction is a batched matmul.
     """
     bsz, length, h, c = q.shape
     r = ql.shape[-1]
     n = -(-length // block)
     pad = n * block - length
 
-    def grid(a: Array) -> Array:  # [b, t, ...] -> [b, n, K, ...]
-        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        return a.reshape(bsz, n, block, *a.shape[2:])
+    def grid(a: Array) -> Array:  # [b, t, h, e] -> [b, h, n, K, e]
+        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(bsz, n, block, h, a.shape[-1])
+        return jnp.transpose(a, (0, 3, 1, 2, 4))
 
     q, k, v, ql, kl = map(grid, (q, k, v, ql, kl))
     # Padding gets segment -1: distinct from every real segment and from id 0.
-    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, n, block)
-    k_prev, v_prev, kl_prev = (shift_right(a, 1) for a in (k, v, kl))  # block n-1 at n
-    seg_prev = shift_right(seg, 1) + jnp.where(jnp.arange(n) == 0, -2, 0)[None, :, None]
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, n, block)
+    k_prev, v_prev, kl_prev = (shift_right(a, 1, axis=2) for a in (k, v, kl))  # block n-1 at n
+    seg_prev = shift_right(seg, 1, axis=2) + jnp.where(jnp.arange(n) == 0, -2, 0)[:, None]
     i = jnp.arange(block)
-    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,n,k,j] lag k-j
+    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,n,k,j] lag k-j
     same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
     in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
 
     # Window: softmax over own block (j <= k) and block n-1 (j > k), fp32.
-    s_own = jnp.einsum("bnkhc,bnjhc->bnhkj", q, k).astype(jnp.float32) / math.sqrt(c)
-    s_prev = jnp.einsum("bnkhc,bnjhc->bnhkj", q, k_prev).astype(jnp.float32) / math.sqrt(c)
+    s_own = jnp.einsum("bhnkc,bhnjc->bhnkj", q, k).astype(jnp.float32) / math.sqrt(c)
+    s_prev = jnp.einsum("bhnkc,bhnjc->bhnkj", q, k_prev).astype(jnp.float32) / math.sqrt(c)
     logits = jnp.concatenate(
-        [jnp.where(same_own[:, :, None], s_own, -1e30), jnp.where((same_prev & in_window)[:, :, None], s_prev, -1e30)],
-        axis=-1,
+        [jnp.where(same_own, s_own, -1e30), jnp.where(same_prev & in_window, s_prev, -1e30)], axis=-1
     )
     p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # the diagonal is always allowed
-    y = jnp.einsum("bnhkj,bnjhc->bnkhc", p[..., :block], v) + jnp.einsum("bnhkj,bnjhc->bnkhc", p[..., block:], v_prev)
+    y = jnp.einsum("bhnkj,bhnjc->bhnkc", p[..., :block], v) + jnp.einsum("bhnkj,bhnjc->bhnkc", p[..., block:], v_prev)
 
     # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
-    s = jnp.einsum("bnkhr,bnjhr->bnhkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
-    kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window)[:, :, None]
-    num = jnp.einsum("bnhkj,bnjhc->bnkhc", kern, v_prev.astype(jnp.float32))
-    den = jnp.einsum("bnhkj->bnkh", kern)
+    s = jnp.einsum("bhnkr,bhnjr->bhnkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
+    kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window)
+    num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v_prev.astype(jnp.float32))
+    den = jnp.sum(kern, axis=-1)
     # Recall from blocks m <= n-2: each block's state holds its tokens of the segment that
     # is open at the block's end (`last`); a query reads it only if its own segment is that
     # one and already open at block n-1's end (contiguous segments make this exact).
-    last = seg[:, :, -1]  # [b,n]
-    fk = taylor_features(kl) * (seg == last[..., None])[..., None, None]  # [b,n,k,h,F]
-    states = jnp.einsum("bnkhf,bnkhc->bnhfc", fk, v.astype(jnp.float32))
-    norms = jnp.sum(fk, axis=2)  # [b,n,h,F]
-    last_prev = seg_prev[:, :, -1]  # last[n-1]
+    last = seg[..., -1]  # [b,1,n]
+    fk = taylor_features(kl) * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
+    states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v.astype(jnp.float32))
+    norms = jnp.sum(fk, axis=3)  # [b,h,n,F]
+    last_prev = seg_prev[..., -1]  # last[n-1]
     m = jnp.arange(n)
-    use = (m[None, :] <= m[:, None] - 2)[None] & (last[:, None, :] == last_prev[:, :, None])  # [b,n,m]
+    use = (m[None, :] <= m[:, None] - 2) & (last[..., None, :] == last_prev[..., :, None])  # [b,1,n,m]
     use = use.astype(jnp.float32)
-    fq = taylor_features(ql) * (seg == last_prev[..., None])[..., None, None]  # [b,n,k,h,F]
-    num += jnp.einsum("bnkhf,bnm,bmhfc->bnkhc", fq, use, states)
-    den += jnp.einsum("bnkhf,bnm,bmhf->bnkh", fq, use, norms)
+    states = jnp.einsum("bxnm,bhmfc->bhnfc", use, states)  # what block n's queries read
+    norms = jnp.einsum("bxnm,bhmf->bhnf", use, norms)
+    fq = taylor_features(ql) * (seg == last_prev[..., None])[..., None]  # [b,h,n,k,F]
+    num += jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
+    den += jnp.einsum("bhnkf,bhnf->bhnk", fq, norms)
     y = y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype)
-    return y.reshape(bsz, n * block, h, c)[:, :length]
+    return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
 
 
 class RecallMixer(nn.Module):
@@ -538,7 +549,7 @@ class RecallMixer(nn.Module):
         if decode is not None:
             shapes = {"keys": c, "values": c, "recall_keys": r}
             window = {n: cache_variable(self, decode, n, (bsz, block, h, e), cfg.dtype) for n, e in shapes.items()}
-            feats = 1 + r + r * r
+            feats = taylor_size(r)
             state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32)
             norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
             if decode == "init":

@@ -27,6 +27,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from jax.sharding import PartitionSpec
 
 Names = tuple[Any, ...]  # one logical name (or None) per array dimension
@@ -217,10 +218,15 @@ def weight_decay_mask(params, axes=None):
 SCHEDULES = ("cosine", "rsqrt", "constant", "linear")
 
 
+def default_warmup(total_steps: int) -> int:
+    """Warm-up when none is set: 10% of the run, at most 1000 steps."""
+    return max(0, min(1000, total_steps // 10))
+
+
 def make_schedule(
     name: str,
     learning_rate: float,
-    warmup_steps: int,
+    warmup_steps: int | None,
     total_steps: int,
     end_value_ratio: float = 0.1,
 ) -> optax.Schedule:
@@ -231,16 +237,23 @@ def make_schedule(
       rsqrt:    lr * sqrt(w' / max(t, w')),  w' = max(w, 1)
       constant: lr
     where t is the step, T = total_steps, r = end_value_ratio (held at lr * r after T).
+    warmup_steps=None means `default_warmup(T)`. A warm-up as long as the run or longer
+    (a shortened rehearsal of a long run) is clamped to the default, with a warning.
     """
-    lr, w, t_total = learning_rate, warmup_steps, total_steps
     if name not in SCHEDULES:
         raise ValueError(f'unknown schedule {name!r}; valid names: {", ".join(SCHEDULES)}.')
-    if name in ("cosine", "linear") and t_total <= w:
-        raise ValueError(f"{name} schedule needs total_steps ({t_total}) > warmup_steps ({w}).")
+    lr, w, t_total = learning_rate, warmup_steps, total_steps
+    if w is None:
+        w = default_warmup(t_total)
+    elif w >= t_total > 0:
+        w = default_warmup(t_total)
+        logging.warning(
+            "warmup_steps=%d is not shorter than the run (total_steps=%d): warming up over %d steps instead "
+            "(10%% of the run). Set optim.create_optimizer.warmup_steps to choose.", warmup_steps, t_total, w)
     if name == "cosine":
-        after = optax.cosine_decay_schedule(lr, decay_steps=t_total - w, alpha=end_value_ratio)
+        after = optax.cosine_decay_schedule(lr, decay_steps=max(1, t_total - w), alpha=end_value_ratio)
     elif name == "linear":
-        after = optax.linear_schedule(lr, lr * end_value_ratio, transition_steps=t_total - w)
+        after = optax.linear_schedule(lr, lr * end_value_ratio, transition_steps=max(1, t_total - w))
     elif name == "rsqrt":
         w1 = max(w, 1)
         after = lambda s: lr * jax.lax.rsqrt(jnp.maximum(s + w, w1) / w1)  # s counts from w
@@ -258,7 +271,7 @@ OPTIMIZERS = ("adamw", "adafactor", "lion")
 def create_optimizer(
     learning_rate: float = 1e-3,
     schedule: str = "cosine",
-    warmup_steps: int = 100,
+    warmup_steps: int | None = None,
     total_steps: int = 10000,
     optimizer: str = "adamw",
     b1: float = 0.9,

@@ -12,7 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from olmax import network
+from olmax import layers, network
 
 # Dense bf16 peak FLOP/s per chip from vendor datasheets.
 DATASHEET_PEAK = {
@@ -41,6 +41,13 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
         elif cfg.mixer == "axial":
             n_blocks = -(-length // cfg.mixer_block)
             per_layer += 2 * d * (n_blocks + 2 * cfg.mixer_block)  # token mixing (both axes)
+        elif cfg.mixer == "recall":
+            k, h, r = cfg.mixer_block, cfg.num_heads, cfg.recall_features
+            states = h * layers.taylor_size(r) * (d // h)  # one token into or out of a [F, c] state per head
+            n_blocks = -(-length // k)
+            per_layer += 2 * (4 * d * d + 2 * d * h * r)  # projections
+            per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; block n-1's older half
+            per_layer += 2 * states * (2 + n_blocks / k)  # write, read, and sum the block states
         else:
             per_layer += 2 * 4 * d * d + 2 * 2 * length * d  # projections + scores and values
     return cfg.depth * per_layer + 2 * d * cfg.vocab_size

@@ -3,6 +3,7 @@
 `import olmax_tasks` registers, without reading any data:
 
     olmax_stdlib   Python's standard library, byte vocabulary (offline default)
+    olmax_recall   synthetic multi-query associative recall (recall.py), and its sized variants
     text_files     local text files from Gin / OLMAX_TEXT_FILES (text_files_task.py)
     c4_en_bytes, c4_en_spm, lm1b_bytes   prepared TFDS datasets (tfds_tasks.py)
 
@@ -40,10 +41,15 @@ from .vocab import spm_model_path
 from .vocab import spm_vocabulary
 
 # Importing these modules registers their tasks.
+from . import recall
 from . import stdlib
 from . import text_files_task
 from . import tfds_tasks
 
+from .recall import RECALL_TASK
+from .recall import answer_mask
+from .recall import recall_example
+from .recall import register_recall_task
 from .stdlib import STDLIB_TASK
 from .stdlib import register_stdlib_task
 from .text_files_task import TEXT_FILES_TASK

@@ -251,10 +251,27 @@ def test_schedules_closed_form(name, want):
 def test_schedule_errors_and_no_warmup():
     with pytest.raises(ValueError, match="cosine, rsqrt, constant, linear"):
         optim.make_schedule("exp", 1.0, 10, 100)
-    with pytest.raises(ValueError, match="total_steps"):
-        optim.make_schedule("cosine", 1.0, 10, 10)
     assert float(optim.make_schedule("rsqrt", 1.0, 0, 100)(4)) == pytest.approx(0.5)
     assert float(optim.make_schedule("cosine", 1.0, 0, 100)(0)) == pytest.approx(1.0)
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning(caplog):
+    """A 20-step rehearsal of a run with 40 warm-up steps: warm-up 2 (10%), then the cosine."""
+    with caplog.at_level("WARNING"):
+        sched = optim.make_schedule("cosine", 1.0, warmup_steps=40, total_steps=20, end_value_ratio=0.1)
+    assert "warmup_steps=40" in caplog.text and "total_steps=20" in caplog.text
+    assert float(sched(1)) == pytest.approx(0.5)  # halfway through a 2-step warm-up
+    assert float(sched(2)) == pytest.approx(1.0)
+    assert float(sched(20)) == pytest.approx(0.1)
+    for name in ("linear", "rsqrt", "constant"):
+        assert float(optim.make_schedule(name, 1.0, 40, 20)(2)) == pytest.approx(1.0)
+
+
+def test_default_warmup_is_a_tenth_of_the_run_up_to_1000():
+    assert [optim.default_warmup(t) for t in (5, 400, 1200, 10_000, 100_000)] == [0, 40, 120, 1000, 1000]
+    sched = optim.make_schedule("cosine", 1.0, None, 1200)
+    assert float(sched(60)) == pytest.approx(0.5) and float(sched(120)) == pytest.approx(1.0)
+    assert float(optim.make_schedule("cosine", 1.0, None, 5)(0)) == pytest.approx(1.0)  # no warm-up
 
 
 def _is_optax_state(s):

@@ -1,0 +1,176 @@
+"""Recall: multi-query associative recall (olmax_recall tasks) for the recall mixer, the
+seed's axial MLP-Mixer and attention, at equal steps on the same batches.
+
+    python -m benchmarks.recall [--points 8x256,32x256,64x256,8x1024,32x1024,64x1024] [--steps N]
+
+Each point trains the three models (same width, depth, recipe; interleaved in chunks)
+on `olmax_recall_{P}x{L}` and scores the held-out rows' answer positions: accuracy and
+bits per answer token (perfect recall: 0; guessing among the 64 values: 6).
+Writes benchmarks/results/recall.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from olmax import network
+
+MIXERS = ("recall", "axial", "attention")
+OUT = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclasses.dataclass
+class Setup:
+    features: int = 64
+    depth: int = 2
+    heads: int = 2
+    batch: int = 16
+    steps: int = 600
+    chunk: int = 100
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    val_rows: int = 64
+
+
+def config(mixer: str, length: int, s: Setup) -> network.OlmaxConfig:
+    return common.olmax_config(s.features, s.depth, length, mixer=mixer, mixer_heads=s.heads, num_heads=s.heads,
+                               conv_features=2 * s.features)
+
+
+@functools.lru_cache(maxsize=None)
+def _answer_logprobs(cfg: network.OlmaxConfig):
+    """Compiled (params, batch) -> log p(target) [b, t] under the model."""
+    module = network.Olmax(cfg)
+
+    @jax.jit
+    def fn(params, batch):
+        logits = module.apply({"params": params}, batch["decoder_input_tokens"],
+                              decoder_segment_ids=batch["decoder_segment_ids"],
+                              decoder_positions=batch["decoder_positions"], enable_dropout=False)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        tgt = batch["decoder_target_tokens"]
+        return jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0], jnp.argmax(logits, -1) == tgt
+
+    return fn
+
+
+def score(trainee: common.Trainee, val: list[dict], pairs: int) -> tuple[float, float]:
+    """(accuracy, bits per token) over the answer positions of the validation rows."""
+    import olmax_tasks
+
+    fn = _answer_logprobs(trainee.cfg)
+    bits = hits = count = 0.0
+    for b in val:
+        logp, correct = jax.device_get(fn(trainee.state["params"], b))
+        mask = olmax_tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"], pairs)
+        bits += float(-np.sum(logp[mask]) / math.log(2))
+        hits += float(np.sum(correct[mask]))
+        count += float(mask.sum())
+    return hits / count, bits / count
+
+
+def run_point(pairs: int, length: int, s: Setup, log, mixers=MIXERS) -> dict:
+    task = f"olmax_recall_{pairs}x{length}"
+    batch = max(1, s.batch * 256 // length)  # equal tokens per step at every length
+    train = common.task_batches(task, "train", batch, length, shuffle=True)
+    val = common.task_batches(task, "validation", batch, length, shuffle=False).take(max(1, s.val_rows // batch))
+    trainees = [common.Trainee(m, config(m, length, s), (batch, length), train.__getitem__, [],
+                               learning_rate=s.learning_rate, warmup_steps=s.warmup_steps) for m in mixers]
+    rows = {t.name: {"params": t.params, "curve": []} for t in trainees}
+    order = list(trainees)
+    while any(t.step < s.steps for t in trainees):
+        for t in order:
+            t.train(min(s.chunk, s.steps - t.step))
+            acc, bits = score(t, val, pairs)
+            rows[t.name]["curve"].append((t.step, acc, bits))
+            log(f"  {task} {t.name:9s} step {t.step:5d}  answer accuracy {acc:.3f}  bits/token {bits:.3f}  "
+                f"({t.seconds:.0f} s, load {common.load():.1f})")
+        order.reverse()
+    for t in trainees:
+        rows[t.name].update(accuracy=rows[t.name]["curve"][-1][1], bits=rows[t.name]["curve"][-1][2],
+                            step_s=float(np.median(t.step_times)))
+    return {"pairs": pairs, "length": length, "batch": batch, "task": task, "models": rows}
+
+
+def section(points: list[dict], s: Setup) -> common.Section:
+    rows, gaps = [], []
+    for p in points:
+        m = p["models"]
+        gaps.append(m["recall"]["bits"] - m["attention"]["bits"])
+        rows.append([p["task"]] + [v for k in MIXERS for v in (m[k]["accuracy"], m[k]["bits"])] + [gaps[-1]])
+    cfg = config("recall", 256, s)
+    params = ", ".join(f"{k} {v['params']:,}" for k, v in points[0]["models"].items())
+    return common.Section(
+        name="recall",
+        title="Recall: multi-query associative recall at equal steps",
+        header=["task"] + [f"{m} {q}" for m in MIXERS for q in ("accuracy", "bits/token")] + ["recall - attention bits"],
+        rows=rows,
+        targets=[common.Target("recall mixer within 0.05 bits/token of attention at every point", "<= +0.05",
+                               f"worst {max(gaps):+.3f}", max(gaps) <= 0.05)],
+        notes=[
+            f"Models: features {s.features}, depth {s.depth}, conv_features {cfg.conv_features}, {s.heads} heads, "
+            f"K = sqrt(N) rounded to a power of two, reversible, fp32; parameters at length 256: {params}.",
+            f"Recipe: {s.steps} steps of {s.batch * 256} tokens (batch {s.batch} x 256; fewer, longer rows at 1024), "
+            f"AdamW + AGC, LR {s.learning_rate} after {s.warmup_steps} warm-up steps, constant; the same batches "
+            "for every model, trained in interleaved chunks of {s.chunk} steps.".replace("{s.chunk}", str(s.chunk)),
+            f"Scored on {s.val_rows} held-out rows per point, answer positions only (`olmax_tasks.answer_mask`): "
+            "argmax accuracy and bits per answer token (perfect recall 0; guessing among the 64 values 6).",
+        ],
+        plots=["recall.png"],
+        data={"setup": dataclasses.asdict(s), "points": points},
+    )
+
+
+def plot(points: list[dict], out: str) -> None:
+    fig, axes = common.figure(ncols=len(points))
+    for ax, p in zip(axes, points):
+        for m in MIXERS:
+            steps, acc, _ = zip(*p["models"][m]["curve"])
+            ax.plot(steps, acc, marker="o", label=m)
+        ax.set_title(p["task"], fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("answer accuracy")
+    axes[0].legend(fontsize=8)
+    common.save_figure(fig, out, "recall.png")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", default="8x256,32x256,64x256,8x1024,32x1024,64x1024")
+    parser.add_argument("--steps", type=int, default=Setup.steps)
+    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--mixers", default=",".join(MIXERS), help="a subset, for exploration (tables need all three)")
+    parser.add_argument("--lr", type=float, default=Setup.learning_rate)
+    args = parser.parse_args(argv)
+    s = Setup(steps=args.steps, learning_rate=args.lr)
+    start, load0 = time.perf_counter(), common.load()
+    log = functools.partial(print, flush=True)
+    command = "python -m benchmarks.recall" + "".join(f" {a}" for a in (argv if argv is not None else []))
+    points = []
+    for spec in args.points.split(","):
+        pairs, length = (int(v) for v in spec.split("x"))
+        points.append(run_point(pairs, length, s, log, tuple(args.mixers.split(","))))
+        if len(points[-1]["models"]) < len(MIXERS):
+            continue
+        os.makedirs(args.out, exist_ok=True)
+        plot(points, args.out)
+        context = {"command": command, "seconds": time.perf_counter() - start, "load": (load0, common.load()),
+                   "hardware": common.hardware()}
+        log(common.write_section(args.out, section(points, s), context))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

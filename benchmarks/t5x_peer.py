@@ -1,0 +1,201 @@
+"""Olmax against the real peer: upstream T5X's decoder-only transformer, each trained by its
+own binary (`python -m olmax.train` and T5X's `train.py` through ../shared/peers/t5x-run).
+
+    python -m benchmarks.t5x_peer quality [--steps 600] [--corpus '/usr/share/vim/vim90/doc/*.txt']
+    python -m benchmarks.t5x_peer speed [--lengths 256,1024,4096,8192]
+
+quality  gin/models/tiny.gin + gin/runs/pretrain.gin (Olmax's defaults) against
+         benchmarks/t5x/transformer_tiny.gin + T5X's configs/runs/pretrain.gin (T5X's
+         defaults), at equal steps and tokens (batch 16 x 256, packed) on the `text_files`
+         task over an English corpus that is not Python source (default: Vim's manuals,
+         which Debian installs with vim; 2% of the files held out by a hash of their text).
+         Both evaluate the same held-out batches (unshuffled validation split) at the end:
+         bits per token (= per byte: byte vocabulary, EOS aside).
+speed    training tokens/s (non-padding target tokens) at each length, same task, packed,
+         the two binaries alternating; each run times its second half (after compilation).
+
+T5X is found through OLMAX_T5X_RUN (the runner script) or ../shared/peers/t5x-run beside
+the checkout. Writes benchmarks/results/t5x_{quality,speed}.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "benchmarks", "results")
+CORPUS = "/usr/share/vim/vim90/doc/*.txt"
+T5X_GIN = os.path.join(REPO, "benchmarks", "t5x", "transformer_tiny.gin")
+
+
+def t5x_runner() -> str:
+    path = os.environ.get("OLMAX_T5X_RUN") or os.path.join(os.path.dirname(REPO), "shared", "peers", "t5x-run")
+    if not os.path.exists(path):
+        raise SystemExit(f"T5X runner not found at {path}: set OLMAX_T5X_RUN to ../shared/peers/t5x-run's path.")
+    return path
+
+
+def macros(model_dir: str, length: int, batch: int, steps: int, quote: bool) -> list[str]:
+    q = (lambda s: f"'{s}'") if quote else (lambda s: s)  # T5X needs Python literals; Olmax takes bare strings too
+    return [f"--gin.MODEL_DIR={q(model_dir)}", f"--gin.MIXTURE_OR_TASK_NAME={q('text_files')}",
+            f"--gin.TASK_FEATURE_LENGTHS={{'targets': {length}}}", f"--gin.TRAIN_STEPS={steps}",
+            f"--gin.BATCH_SIZE={batch}", "--gin.USE_CACHED_TASKS=False"]
+
+
+def t5x_command(model_dir: str, length: int, batch: int, steps: int, eval_period: int, eval_steps: int) -> list[str]:
+    runner = t5x_runner()
+    return [runner, "train", f"--gin_search_paths={os.path.join(os.path.dirname(runner), 't5x')}",
+            f"--gin_file={T5X_GIN}", "--gin_file=t5x/configs/runs/pretrain.gin",
+            *macros(model_dir, length, batch, steps, quote=True), "--gin.MIXTURE_OR_TASK_MODULE='olmax_tasks'",
+            f"--gin.train.eval_period={eval_period}", f"--gin.train.eval_steps={eval_steps}",
+            f"--gin.utils.SaveCheckpointConfig.period={steps}"]
+
+
+def olmax_command(model_dir: str, length: int, batch: int, steps: int, eval_period: int, eval_steps: int,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "olmax.train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+            *macros(model_dir, length, batch, steps, quote=False), f"--gin.network.OlmaxConfig.max_length={length}",
+            f"--gin.train.train.eval_period={eval_period}", f"--gin.train.train.eval_steps={eval_steps}",
+            f"--gin.train.train.stats_period={eval_period}", f"--gin.utils.SaveCheckpointConfig.period={steps}", *extra]
+
+
+def run(cmd: list[str], corpus: str, log) -> float:
+    env = dict(os.environ, OLMAX_TEXT_FILES=corpus, TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    log(f"    {os.path.basename(cmd[0])} {cmd[1]} ... done in {time.perf_counter() - start:.0f} s")
+    return time.perf_counter() - start
+
+
+def scalars(model_dir: str, collection: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} from the TensorBoard events under model_dir/collection."""
+    import tensorflow as tf
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, collection, "**", "events.out.tfevents.*"), recursive=True)):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                value = np.asarray(tf.make_ndarray(v.tensor) if v.HasField("tensor") else v.simple_value)
+                if value.size == 1 and value.dtype.kind in "fiu":  # scalars only (not the config text)
+                    out.setdefault(v.tag, []).append((int(event.step), float(value)))
+    return out
+
+
+def last(series: dict, tag: str) -> float:
+    if tag not in series:
+        raise KeyError(f"no {tag!r} in the events (tags: {sorted(series)[:20]})")
+    return sorted(series[tag])[-1][1]
+
+
+def quality(args, log) -> common.Section:
+    batch, length, steps, eval_steps = 16, 256, args.steps, args.eval_batches
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("olmax", "t5x"):
+            model_dir = os.path.join(tmp, name)
+            make = olmax_command if name == "olmax" else t5x_command
+            seconds = run(make(model_dir, length, batch, steps, steps, eval_steps), args.corpus, log)
+            ev = scalars(model_dir, "training_eval")
+            bits = last(ev, "bits_per_token") if name == "olmax" else last(
+                ev, "cross_ent_loss_per_all_target_tokens") / math.log(2)
+            res[name] = {"bits": bits, "wall_s": seconds}
+            log(f"  {name}: {bits:.4f} bits/token after {steps} steps")
+    gain = 1 - res["olmax"]["bits"] / res["t5x"]["bits"]
+    return common.Section(
+        name="t5x_quality",
+        title="Language modelling against upstream T5X's transformer, equal steps and tokens",
+        header=["model", "binary", "steps", "tokens", "held-out bits/token", "wall s (incl. compile, eval)"],
+        rows=[["Olmax tiny (recall mixer)", "olmax.train", steps, steps * batch * length, res["olmax"]["bits"],
+               res["olmax"]["wall_s"]],
+              ["T5X decoder-only transformer", "t5x/train.py", steps, steps * batch * length, res["t5x"]["bits"],
+               res["t5x"]["wall_s"]]],
+        targets=[common.Target("Olmax better than T5X's transformer in held-out bits", ">= 4% fewer bits",
+                               f"{100 * gain:+.1f}% ({res['olmax']['bits']:.3f} vs {res['t5x']['bits']:.3f})",
+                               gain >= 0.04)],
+        notes=[
+            f"Corpus: `text_files` over `{args.corpus}` (English prose, not Python source), byte vocabulary; "
+            "2% of the files held out by a hash of their text; both evaluate the same first "
+            f"{eval_steps} unshuffled validation batches of {batch} x {length} (packed).",
+            "Olmax: `python -m olmax.train --gin_file=gin/models/tiny.gin --gin_file=gin/runs/pretrain.gin` with "
+            "its defaults (AdamW + AGC, the model file's LR, 10% warm-up, cosine).",
+            "T5X: `t5x-run train --gin_file=benchmarks/t5x/transformer_tiny.gin --gin_file=t5x/configs/runs/"
+            "pretrain.gin` with T5X's defaults (Adafactor, rsqrt schedule at 0.01 for the first 10k steps).",
+            "Bits per token = mean cross-entropy / ln 2 (T5X: cross_ent_loss_per_all_target_tokens; Olmax: "
+            "bits_per_token), without the z-loss.",
+        ],
+        data=res,
+    )
+
+
+def speed(args, log) -> common.Section:
+    res, rows = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, length in enumerate(int(n) for n in args.lengths.split(",")):
+            batch = max(1, args.tokens // length)
+            order = ("olmax", "t5x") if i % 2 == 0 else ("t5x", "olmax")
+            for name in order:
+                model_dir = os.path.join(tmp, f"{name}_{length}")
+                make = olmax_command if name == "olmax" else t5x_command
+                cmd = make(model_dir, length, batch, 2 * args.steps, args.steps, 1)
+                run(cmd, args.corpus, log)
+                train = scalars(model_dir, "train")
+                tag = "tokens_per_second" if name == "olmax" else "timing/target_tokens_per_second"
+                res[length, name] = last(train, tag)  # the second half: compiled, warm
+            ratio = res[length, "olmax"] / res[length, "t5x"]
+            rows.append([length, batch, res[length, "olmax"], res[length, "t5x"], ratio])
+            log(f"  N={length}: Olmax {res[length, 'olmax']:.0f} tok/s, T5X {res[length, 't5x']:.0f} tok/s ({ratio:.2f}x)")
+    want = {256: 1.0, 4096: 3.0, 8192: 5.0}
+    targets = [common.Target(f"Olmax tokens/s vs T5X at N={n}", f">= {w:g}x", f"{r[4]:.2f}x", r[4] >= w)
+               for n, w in want.items() for r in rows if r[0] == n]
+    return common.Section(
+        name="t5x_speed",
+        title="Training speed against upstream T5X's transformer",
+        header=["length", "batch", "Olmax tok/s", "T5X tok/s", "Olmax / T5X"],
+        rows=rows,
+        targets=targets,
+        notes=[
+            f"Each binary trains {2 * args.steps} steps of {args.tokens} tokens (batch = {args.tokens} / length) on "
+            f"`text_files` over `{args.corpus}`, packed; tokens/s over the second {args.steps} steps, as each binary "
+            "reports it (Olmax: tokens_per_second; T5X: timing/target_tokens_per_second; both count the "
+            "non-padding target tokens). The two binaries alternate which runs first at each length.",
+            "Olmax: gin/models/tiny.gin with max_length = the length; T5X: benchmarks/t5x/transformer_tiny.gin.",
+        ],
+        data={f"{n}/{m}": v for (n, m), v in res.items()},
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("quality", "speed"))
+    parser.add_argument("--steps", type=int, default=None, help="quality: steps (600); speed: steps per half (10)")
+    parser.add_argument("--eval_batches", type=int, default=20)
+    parser.add_argument("--lengths", default="256,1024,4096,8192")
+    parser.add_argument("--tokens", type=int, default=8192, help="speed: tokens per step")
+    parser.add_argument("--corpus", default=CORPUS)
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (600 if args.what == "quality" else 10)
+    if not glob.glob(args.corpus):
+        raise SystemExit(f"No files match --corpus {args.corpus!r}.")
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    start, load0 = time.perf_counter(), common.load()
+    section = quality(args, log) if args.what == "quality" else speed(args, log)
+    context = {"command": "python -m benchmarks.t5x_peer " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "seconds": time.perf_counter() - start, "load": (load0, common.load()), "hardware": common.hardware()}
+    log(common.write_section(args.out, section, context))
+
+
+if __name__ == "__main__":
+    main()
