@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import TYPE_CHECKING, Callable
 
@@ -484,14 +485,12 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array,
     same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
     in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
 
-    # Window: softmax over own block (j <= k) and block n-1 (j > k), fp32.
-    s_own = jnp.einsum("bhnkc,bhnjc->bhnkj", q, k).astype(jnp.float32) / math.sqrt(c)
-    s_prev = jnp.einsum("bhnkc,bhnjc->bhnkj", q, k_prev).astype(jnp.float32) / math.sqrt(c)
-    logits = jnp.concatenate(
-        [jnp.where(same_own, s_own, -1e30), jnp.where(same_prev & in_window, s_prev, -1e30)], axis=-1
-    )
-    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # the diagonal is always allowed
-    y = jnp.einsum("bhnkj,bhnjc->bhnkc", p[..., :block], v) + jnp.einsum("bhnkj,bhnjc->bhnkc", p[..., block:], v_prev)
+    # Window: softmax over block n-1 (j > k) and its own block (j <= k) together, fp32.
+    keys, values = jnp.concatenate([k_prev, k], axis=3), jnp.concatenate([v_prev, v], axis=3)  # [b,h,n,2K,c]
+    logits = jnp.einsum("bhnkc,bhnjc->bhnkj", q, keys).astype(jnp.float32) / math.sqrt(c)
+    allowed = jnp.concatenate([same_prev & in_window, same_own], axis=-1)  # the diagonal always is
+    p = jax.nn.softmax(jnp.where(allowed, logits, -1e30), axis=-1).astype(v.dtype)
+    y = jnp.einsum("bhnkj,bhnjc->bhnkc", p, values)
 
     # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
     s = jnp.einsum("bhnkr,bhnjr->bhnkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
@@ -544,7 +543,7 @@ class RecallMixer(nn.Module):
         c = d // h
         init = fan_in_normal((0,))
         names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r}
-        w = {n: param_with_axes(n, init, (d, e), axes=("embed", "heads")).astype(cfg.dtype) for n, e in names.items()}
+        w = [param_with_axes(n, init, (d, e), axes=("embed", "heads")) for n, e in names.items()]
         wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
         if decode is not None:
             shapes = {"keys": c, "values": c, "recall_keys": r}
@@ -554,7 +553,10 @@ class RecallMixer(nn.Module):
             norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
-        q, k, v, ql, kl = (jnp.einsum("btd,de->bte", x, w[n]).reshape(bsz, length, h, -1) for n in names)
+        # One matmul for the five projections: [b,t,d] -> [b,t,3d + 2hr] -> q, k, v, ql, kl.
+        proj = jnp.einsum("btd,de->bte", x, jnp.concatenate(w, axis=1).astype(cfg.dtype))
+        splits = list(itertools.accumulate(names.values()))[:-1]
+        q, k, v, ql, kl = (a.reshape(bsz, length, h, -1) for a in jnp.split(proj, splits, axis=-1))
         q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
         if decode == "step":
             y = recall_step(window, state, norm, q, k, v, ql, kl, ctx.positions[:, 0])
