@@ -30,7 +30,7 @@ from olmax import models, network, optim, partitioning
 
 matplotlib.use("Agg")
 
-BYTE_VOCAB = 384  # olmax_tasks.BYTE_VOCAB_SIZE (importing olmax_tasks pulls in tensorflow)
+BYTE_VOCAB = 384  # olmax.tasks.BYTE_VOCAB_SIZE (importing olmax.tasks pulls in tensorflow)
 
 
 # ----------------------------------------------------------------------- configs
@@ -209,10 +209,10 @@ class _Program:
 def _program(cfg: network.OlmaxConfig, batch_shape: tuple[int, int], learning_rate: float, warmup_steps: int) -> _Program:
     """Built once per config: sections that train the same model (quality's Olmax is the
     ablations' baseline, and the quick MFU model) share the compilation."""
-    import olmax_tasks  # registers the tasks; its byte vocabulary gives bits per byte
+    from olmax import tasks  # registers the tasks; its byte vocabulary gives bits per byte
     from olmax import train
 
-    lm = models.DecoderOnlyLM(network.Olmax(cfg), olmax_tasks.byte_vocabulary())
+    lm = models.DecoderOnlyLM(network.Olmax(cfg), tasks.byte_vocabulary())
     partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
     optimizer = functools.partial(
         optim.create_optimizer, learning_rate=learning_rate, schedule="constant", warmup_steps=warmup_steps

@@ -38,19 +38,14 @@ def define_flags() -> None:
 
 
 def package_gin_dir() -> str:
-    """The directory holding Olmax's gin files: olmax/gin in a pip install (package
-    data), <checkout>/gin in a checkout. Not an importable package on purpose: a
-    `gin/__init__.py` would shadow gin-config for anything run from the checkout."""
-    package = pathlib.Path(__file__).resolve().parent
-    for candidate in (package / "gin", package.parent / "gin"):
-        if (candidate / "quickstart.gin").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"Olmax's gin files are missing (looked in {package / 'gin'} and {package.parent / 'gin'}).")
+    """olmax/gin: Olmax's gin files, package data in a checkout and in a pip install alike.
+    Not an importable package on purpose: nothing there is Python."""
+    return str(pathlib.Path(__file__).resolve().parent / "gin")
 
 
 def default_search_paths() -> list[str]:
-    # `gin/models/tiny.gin` resolves against the checkout or the installed package root.
-    return [os.getcwd(), os.path.dirname(package_gin_dir()), package_gin_dir()]
+    # `gin/models/tiny.gin` resolves against the working directory, else the olmax package.
+    return [os.getcwd(), os.path.dirname(package_gin_dir())]
 
 
 def _as_gin_value(value: str) -> str:
@@ -154,7 +149,7 @@ def quiet_library_logs() -> None:
 
 def parse_from_flags(run_file: str | None = None) -> None:
     quiet_library_logs()
-    import olmax_tasks  # noqa: F401  registers the tasks and their gin configurables
+    from olmax import tasks  # noqa: F401  registers the tasks and their gin configurables
 
     fl = flags.FLAGS
     if fl.tfds_data_dir:

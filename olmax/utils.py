@@ -16,7 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-import olmax_tasks
+from olmax import tasks
 
 
 @gin.configurable
@@ -62,8 +62,8 @@ class CheckpointConfig:
 
 
 def get_task(cfg: DatasetConfig):
-    olmax_tasks.import_task_module(cfg.module)
-    return olmax_tasks.get_task_or_mixture(cfg.mixture_or_task_name)
+    tasks.import_task_module(cfg.module)
+    return tasks.get_task_or_mixture(cfg.mixture_or_task_name)
 
 
 def get_dataset(
