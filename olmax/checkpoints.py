@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from olmax import utils
+from olmax import multihost, utils
 
 
 def tree_shapes(tree: Any) -> dict[str, list[int]]:
@@ -56,24 +56,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
     def should_save(self, step: int) -> bool:
         return bool(self.save_cfg) and step % self.save_cfg.period == 0
 
-    def save(self, step: int, state: Any, extra_meta: dict | None = None) -> None:
+    def save(self, step: int, state: Any) -> None:
         """Starts an (async) save of `state` at `step`; returns before it completes."""
-        meta = dict(self.meta, step=int(step), **(extra_meta or {}))
+        meta = dict(self.meta, step=int(step))
         self.manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -142,7 +135,7 @@ class Checkpointer:
         so it is not found again and a new save of that step does not collide with it."""
         src = os.path.join(self.directory, str(step))
         dst = f"{src}.corrupt"
-        if self.save_cfg is None or jax.process_index() != 0 or "://" in src:
+        if self.save_cfg is None or not multihost.is_main_process() or "://" in src:
             return "(left in place)"
         n = 1
         while os.path.exists(dst):

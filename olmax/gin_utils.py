@@ -16,7 +16,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import gin
 from absl import flags
@@ -134,12 +134,31 @@ class _LibraryNoise(logging.Filter):
 
 
 def run(main, argv: Sequence[str] | None = None) -> None:
-    """absl.app.run with --gin.KEY=VALUE support."""
+    """absl.app.run with --gin.KEY=VALUE support, TensorFlow kept off the GPUs (and quiet)."""
     from absl import app
+
+    from olmax import tf_quiet
+
+    tf_quiet.hide_accelerators()  # before app.run, whose start-up already wakes TensorFlow's runtime
 
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
     app.run(main, argv=argv)
+
+
+def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | None = None) -> None:
+    """What every binary's console script does: parse the flags, join the other hosts
+    (olmax.multihost), parse Gin (`run_file` first), then call `entry()`."""
+
+    def main(argv):
+        del argv
+        from olmax import multihost
+
+        multihost.initialize_from_flags()
+        parse_from_flags(run_file=run_file)
+        entry()
+
+    run(main, argv)
 
 
 def quiet_library_logs() -> None:
