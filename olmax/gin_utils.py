@@ -124,9 +124,15 @@ def _check_exists(path: str, search_paths: list[str]) -> None:
 
 class _LibraryNoise(logging.Filter):
     """Drops the INFO chatter of orbax (per-save timings) and gin's file search
-    ("Path not found" while it tries each search path); warnings still show."""
+    ("Path not found" while it tries each search path), and orbax's tracebacks of a
+    failed background save (the trainer reports it); other warnings still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and record.levelno >= logging.ERROR:
+            # A background save that failed: the trainer stops with one message naming the cause
+            # (checkpoints.CheckpointSaveError), so orbax's per-thread tracebacks are left out.
+            message = record.getMessage()
+            return not ("raised an exception" in message or "thread" in message.lower())
         if record.levelno >= logging.WARNING and "resource_reader" not in record.pathname:
             return True
         noisy = ("/orbax/", "resource_reader", "/seqio/", "xla_bridge", "/etils/")

@@ -10,11 +10,14 @@ shardings; stream this process's shard of the data, skipping what the restored
 step already consumed; run the jitted, donated train step; every `stats_period`
 steps log a console line and TensorBoard scalars; every `eval_period` steps
 evaluate on the validation split; save every checkpoint `period` and at the end.
-SIGTERM (preemption) finishes the current step, saves, and exits 0.
+SIGTERM (preemption) or a first Ctrl-C finishes the current step, saves, and exits 0;
+a second Ctrl-C stops at once. A save that fails (a full disk) stops the run with one
+message. Every start keeps its Gin config as MODEL_DIR/config_start_<step>.gin.
 """
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Callable
 
@@ -25,7 +28,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from olmax import gin_utils, models, multihost, optim, partitioning, perf, trainer, utils
+from olmax import checkpoints, gin_utils, models, multihost, optim, partitioning, perf, trainer, utils
 
 
 class _Log:
@@ -95,6 +98,36 @@ class _NonFinite:
             )
 
 
+_SCHEDULE_KEY = re.compile(r"^(\S*(?:TRAIN_STEPS|total_steps|warmup_steps|learning_rate|schedule|end_value_ratio))"
+                           r"\s*=\s*(.*)$")
+
+
+def _schedule_settings(config_text: str) -> dict[str, str]:
+    """{binding: value} of the Gin lines that shape the LR schedule."""
+    return {m.group(1): m.group(2).strip() for m in map(_SCHEDULE_KEY.match, config_text.splitlines()) if m}
+
+
+def _record_config(model_dir: str, start: int) -> None:
+    """Writes config.gin (this start's, as T5X does) and keeps config_start_<step>.gin for every
+    start; warns when a resumed run's schedule differs from the previous start's."""
+    text = gin.config_str()
+    earlier = {int(m.group(1)): name for name in os.listdir(model_dir)
+               if (m := re.fullmatch(r"config_start_(\d+)\.gin", name)) and int(m.group(1)) <= start}
+    previous = earlier[max(earlier)] if earlier else "config.gin"
+    if start and os.path.isfile(os.path.join(model_dir, previous)):
+        with open(os.path.join(model_dir, previous)) as f:
+            old = _schedule_settings(f.read())
+        new = _schedule_settings(text)
+        changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if changed:
+            logging.warning("Resuming at step %d with another schedule than the previous start (%s): %s. The run "
+                            "continues on the new schedule from step %d; the previous settings stay in %s.",
+                            start, previous, "; ".join(changed), start, os.path.join(model_dir, previous))
+    for name in ("config.gin", f"config_start_{start}.gin"):
+        with open(os.path.join(model_dir, name), "w") as f:
+            f.write(text)
+
+
 def _next_batch(data, cfg: utils.DatasetConfig, step: int, start: int) -> dict:
     try:
         return next(data)
@@ -144,15 +177,15 @@ def train(
     length = train_dataset_cfg.task_feature_lengths["targets"]
     if "://" not in model_dir:
         os.makedirs(model_dir, exist_ok=True)
-    if multihost.is_main_process():
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.config_str())
-
     setup = trainer.TrainSetup(model, partitioner, (train_dataset_cfg.batch_size, length), optimizer, random_seed)
     logging.info("Model: %d parameters; mesh %s", models.param_count(setup.param_shapes), dict(partitioner.mesh.shape))
     ckpt = setup.checkpointer(model_dir, checkpoint_cfg.save if checkpoint_cfg else None)
     state = trainer.restore_or_init(setup, ckpt, checkpoint_cfg.restore if checkpoint_cfg else None)
     start = int(jax.device_get(state["step"]))
+    if multihost.is_main_process():
+        _record_config(model_dir, start)
+    if train_eval_dataset_cfg is not None and eval_period:
+        trainer.check_split(train_eval_dataset_cfg, partitioner)  # before step 1, not at the first eval
     steps = trainer.make_steps(setup, microbatches, random_seed)
     log = _Log(model_dir, setup, length, total_steps, start, peak_flops)
     data = utils.batches(utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size, skip_batches=start,
@@ -173,19 +206,27 @@ def train(
                     jax.profiler.stop_trace()
                 preemption.check(step)
                 nonfinite.check(step, metrics["skipped"])
+                ckpt.check()  # a failed background save stops the run now, not at the end
                 last = step == total_steps or preemption.requested
                 if step % stats_period == 0 or last:
                     log.write(step)
+                if ckpt.should_save(step) or last:  # before eval: a failing eval never costs this checkpoint
+                    ckpt.save(step, state)
                 if train_eval_dataset_cfg is not None and eval_period and (step % eval_period == 0 or step == total_steps):
                     log.write_eval(step, trainer.evaluate(state["params"], train_eval_dataset_cfg, partitioner,
                                                           eval_steps, steps.eval))
-                if ckpt.should_save(step) or last:
-                    ckpt.save(step, state)
                 if preemption.requested:
-                    logging.warning("Saved step %d after SIGTERM; rerun the same command to resume.", step)
+                    logging.warning("Saved step %d after %s; rerun the same command to resume.", step,
+                                    preemption.reason)
                     break
-    finally:
         ckpt.close()
+    except checkpoints.CheckpointSaveError as e:
+        ckpt.abandon()
+        raise SystemExit(f"olmax.train: {e}") from None
+    except BaseException:
+        ckpt.abandon()  # the error in flight is the one to report
+        raise
+    finally:
         log.flush()
     return step, log.last
 

@@ -14,7 +14,8 @@ each other (T5X splits its trainer.py / utils.py from its binaries the same way)
                       else a fresh state;
   checkpoint_steps, load_params   which checkpoints eval/infer read, and their params;
   check_batch         batch size against the mesh and the microbatches;
-  Preemption          SIGTERM: finish the step, save, exit;
+  check_split         a split gives at least one full batch (before step 1);
+  Preemption          SIGTERM or Ctrl-C: finish the step, save, exit;
   run_meta, fmt_metrics, fmt_seconds.
 """
 from __future__ import annotations
@@ -192,6 +193,28 @@ def make_steps(setup: TrainSetup, microbatches: int = 1, dropout_seed: int = 0) 
     return Steps(train_step, eval_step, score_step)
 
 
+def _empty_split_error(cfg: utils.DatasetConfig) -> ValueError:
+    return ValueError(
+        f"The '{cfg.split}' split of {cfg.mixture_or_task_name} gives no full batch of BATCH_SIZE={cfg.batch_size}: "
+        "it is empty or smaller than one batch. Give it more data (text_files: "
+        "--gin.olmax_tasks.text_files.validation_patterns=\"['val/*.txt']\", or leave validation_patterns unset "
+        "to hold out a share of the train files), lower BATCH_SIZE, or train without evaluation: "
+        "--gin.train.train.eval_period=0."
+    )
+
+
+def _split_batches(cfg: utils.DatasetConfig, partitioner: partitioning.PjitPartitioner):
+    ds = utils.get_dataset(dataclasses.replace(cfg, shuffle=False), partitioner.data_parallel_size, num_epochs=1,
+                           shard=partitioner.data_shard(cfg.batch_size))
+    return utils.batches(ds)
+
+
+def check_split(cfg: utils.DatasetConfig, partitioner: partitioning.PjitPartitioner) -> None:
+    """Raises ValueError (naming the fix) unless every process reads at least one full batch of `cfg`."""
+    if not multihost.all_processes(next(_split_batches(cfg, partitioner), None) is not None):
+        raise _empty_split_error(cfg)
+
+
 def evaluate(params: Any, cfg: utils.DatasetConfig, partitioner: partitioning.PjitPartitioner, steps: int | None,
              eval_step: Callable) -> dict[str, float]:
     """Token-weighted mean metrics over `steps` batches of `cfg`'s split (None: the whole split).
@@ -201,12 +224,10 @@ def evaluate(params: Any, cfg: utils.DatasetConfig, partitioner: partitioning.Pj
     all stop at the first that does not (a process that waited for the others' next
     collective step would wait forever).
     """
-    ds = utils.get_dataset(dataclasses.replace(cfg, shuffle=False), partitioner.data_parallel_size, num_epochs=1,
-                           shard=partitioner.data_shard(cfg.batch_size))
     totals: dict[str, float] = {}
     weight = 0.0
-    local = utils.batches(ds)
-    for i in range(steps if steps is not None else np.iinfo(np.int64).max):
+    local = _split_batches(cfg, partitioner)
+    for _ in range(steps if steps is not None else np.iinfo(np.int64).max):
         batch = next(local, None)
         if not multihost.all_processes(batch is not None):
             break
@@ -218,10 +239,7 @@ def evaluate(params: Any, cfg: utils.DatasetConfig, partitioner: partitioning.Pj
             if k != "tokens":
                 totals[k] = totals.get(k, 0.0) + float(v) * w
     if not weight:
-        raise ValueError(
-            f"The '{cfg.split}' split of {cfg.mixture_or_task_name} gave no full batch of "
-            f"{cfg.batch_size}; it is empty or smaller than one batch. Lower the batch size or add data."
-        )
+        raise _empty_split_error(cfg)
     out = {k: v / weight for k, v in totals.items()}
     out["perplexity"] = float(np.exp(out.get("nll", out["cross_entropy"])))  # from the mean, not a mean of exps
     out["tokens"] = weight
@@ -283,17 +301,21 @@ def load_params(setup: TrainSetup, directory: str, step: int) -> Any:
 
 
 class Preemption:
-    """SIGTERM -> finish the current step, checkpoint, exit cleanly.
+    """SIGTERM or a first Ctrl-C -> finish the current step, checkpoint, exit cleanly;
+    a second Ctrl-C raises KeyboardInterrupt at once.
 
     With several processes every host must stop at the same step (saving is
     collective): JAX's preemption service (started by jax.distributed) catches
     SIGTERM on any host and the hosts agree on a step, which `check` reports. A
-    Python handler would replace the service's, so none is installed then.
+    Python SIGTERM handler would replace the service's, so none is installed then,
+    and a first Ctrl-C is passed on to the service as a SIGTERM to this process.
     """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.reason = "SIGTERM"
+        self._interrupted = False
+        self._previous: dict[int, Any] = {}
         self._multihost = jax.process_count() > 1
 
     def check(self, step: int) -> bool:
@@ -308,21 +330,36 @@ class Preemption:
         return self.requested
 
     def __enter__(self):
-        if self._multihost:
-            return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        handlers = {signal.SIGINT: self._interrupt}
+        if not self._multihost:
+            handlers[signal.SIGTERM] = self._terminate
+        for sig, handler in handlers.items():
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
-    def _handle(self, signum, frame):
+    def _terminate(self, signum, frame):
         logging.warning("SIGTERM received: finishing this step, saving a checkpoint and exiting.")
         self.requested = True
 
+    def _interrupt(self, signum, frame):
+        if self._interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt("second Ctrl-C: stopped without saving")
+        self._interrupted = True
+        logging.warning("Ctrl-C: finishing this step, saving a checkpoint and exiting; press Ctrl-C again to stop at "
+                        "once without saving.")
+        if self._multihost:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service: every host stops at one step
+        else:
+            self.requested, self.reason = True, "Ctrl-C"
+
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
 
 
 def fmt_seconds(s: float) -> str:
