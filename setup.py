@@ -10,12 +10,11 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="BSD-2-Clause",
     python_requires=">=3.10",
-    # `tasks/` installs as `olmax_tasks` so it cannot clash with another package's
-    # `tasks`; `gin/` installs as `olmax.gin` so a plain (non-editable) install
-    # finds the Gin files exactly where a checkout has them.
-    packages=["olmax", "olmax_tasks", "olmax.gin"],
-    package_dir={"olmax": "olmax", "olmax_tasks": "tasks", "olmax.gin": "gin"},
-    package_data={"olmax.gin": ["*.gin", "models/*.gin", "runs/*.gin", "t5x/*.gin"]},
+    # Folder names are import names: `olmax.tasks` is olmax/tasks, the Gin files are
+    # package data in olmax/gin (found as gin/... by the binaries, checkout or install),
+    # and olmax_tasks/ is the alias package that keeps the former name importable.
+    packages=setuptools.find_packages(include=["olmax", "olmax.*", "olmax_tasks"]),
+    package_data={"olmax": ["gin/*.gin", "gin/*/*.gin"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

@@ -25,12 +25,12 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, safe in
 
 from olmax import models, network, optim, partitioning
 
-# olmax.train and olmax.utils import tensorflow and seqio (seconds): only the sections
+# olmax.trainer and olmax.utils import tensorflow and seqio (seconds): only the sections
 # that train import them, inside the functions below.
 
 matplotlib.use("Agg")
 
-BYTE_VOCAB = 384  # olmax_tasks.BYTE_VOCAB_SIZE (importing olmax_tasks pulls in tensorflow)
+BYTE_VOCAB = 384  # olmax.tasks.BYTE_VOCAB_SIZE (importing olmax.tasks pulls in tensorflow)
 
 
 # ----------------------------------------------------------------------- configs
@@ -209,36 +209,30 @@ class _Program:
 def _program(cfg: network.OlmaxConfig, batch_shape: tuple[int, int], learning_rate: float, warmup_steps: int) -> _Program:
     """Built once per config: sections that train the same model (quality's Olmax is the
     ablations' baseline, and the quick MFU model) share the compilation."""
-    import olmax_tasks  # registers the tasks; its byte vocabulary gives bits per byte
-    from olmax import train
+    from olmax import tasks  # registers the tasks; its byte vocabulary gives bits per byte
+    from olmax import trainer
 
-    lm = models.DecoderOnlyLM(network.Olmax(cfg), olmax_tasks.byte_vocabulary())
+    lm = models.DecoderOnlyLM(network.Olmax(cfg), tasks.byte_vocabulary())
     partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
     optimizer = functools.partial(
         optim.create_optimizer, learning_rate=learning_rate, schedule="constant", warmup_steps=warmup_steps
     )
-    setup = train.TrainSetup(lm, partitioner, batch_shape, optimizer)
+    setup = trainer.TrainSetup(lm, partitioner, batch_shape, optimizer)
     state = setup.abstract_state()
-    step_fn = train.make_train_step(lm, setup.tx, 1, 0, None)
     example = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=partitioner.data_sharding) for k in TRAIN_KEYS}
+    jitted = trainer.make_steps(setup)
     with partitioner.activate():
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(setup.state_shardings, partitioner.data_sharding),
-            out_shardings=(setup.state_shardings, partitioner.replicated),
-            donate_argnums=(0,),
-        )
-        step = jitted.lower(state, example).compile()
-        evaluate = jax.jit(lambda p, b: lm.loss_fn(p, b, None)[1]).lower(state["params"], example).compile()
+        step = jitted.train.lower(state, example).compile()
+        evaluate = jitted.eval.lower(state["params"], example).compile()
     return _Program(lm, partitioner, optimizer, batch_shape, step, evaluate, models.param_count(setup.param_shapes))
 
 
 @functools.lru_cache(maxsize=None)
 def _initial_state(program: _Program, seed: int):
     """The initial train state of `seed` on the host, and its shardings."""
-    from olmax import train
+    from olmax import trainer
 
-    setup = train.TrainSetup(program.lm, program.partitioner, program.batch_shape, program.optimizer, random_seed=seed)
+    setup = trainer.TrainSetup(program.lm, program.partitioner, program.batch_shape, program.optimizer, random_seed=seed)
     return jax.device_get(setup.init_state()), setup.state_shardings
 
 
@@ -248,7 +242,7 @@ TRAIN_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_wei
 
 
 class Trainee:
-    """One model under training with Olmax's own train step (olmax.train.make_train_step).
+    """One model under training with Olmax's own train step (olmax.trainer.make_steps).
 
     Args:
       name: label in tables and plots.

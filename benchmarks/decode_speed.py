@@ -17,61 +17,39 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from olmax import decoding, network
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "decode_speed.md")
 
 
-def small_config(length: int, mixer: str, features: int, depth: int) -> network.OlmaxConfig:
-    block = 2 ** round(math.log2(math.sqrt(length)))
-    return network.OlmaxConfig(
-        vocab_size=384, features=features, depth=depth, max_length=length, mixer=mixer, mixer_block=block,
-        conv_features=4 * features, mixer_heads=4, num_heads=4,
-    )
-
-
-def build(cfg: network.OlmaxConfig, batch: int, max_steps: int, recompute: bool):
-    """A jitted run(params, prompt, lengths, steps) -> tokens: prefill + `steps` greedy tokens."""
+def build(cfg: network.OlmaxConfig, max_steps: int, recompute: bool):
+    """run(params, prompt, lengths, steps) -> tokens: olmax.decoding.generate, greedy, cache of the full
+    length, at most `steps` new tokens (a traced value: one compilation serves every count)."""
     module = network.Olmax(cfg)
-    length = cfg.max_length
-    sampler = decoding.Sampler(greedy=True)
 
-    @jax.jit
     def run(params, prompt, lengths, steps):
-        first = jnp.take_along_axis(prompt, lengths[:, None] - 1, axis=1)[:, 0]
-        limits = jnp.full((batch,), steps, jnp.int32)
-        if recompute:
-            step, state = decoding.recompute_step_fn(module, params), (prompt, lengths - 1)
-        else:
-            cache = decoding.init_cache(module, params, batch, length)
-            state = decoding.prefill(module, params, cache, prompt, lengths - 1)
-            step = decoding.cached_step_fn(module, params, length)
-        tokens, _ = decoding.sample_loop(step, state, first, jax.random.PRNGKey(0), max_steps, sampler, None, limits)
-        return tokens
+        return decoding.generate(module, params, prompt, lengths, jax.random.PRNGKey(0), max_steps, greedy=True,
+                                 eos_id=None, cache_length=cfg.max_length, recompute=recompute, step_limit=steps)
 
     return module, run
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def measure(length: int, mixer: str, args) -> dict:
-    cfg = small_config(length, mixer, args.features, args.depth)
+    cfg = common.olmax_config(args.features, args.depth, length, mixer=mixer)
     batch = args.batch
     # Steps timed per path: recomputation is slow, so it gets fewer.
     steps = {"cached": (args.cached_steps[0], args.cached_steps[1]), "recompute": args.recompute_steps}
-    runs = {p: build(cfg, batch, max(steps[p]), p == "recompute") for p in ("cached", "recompute")}
+    room = length - length // 2 + 1  # generate() stops a row when its sequence fills the cache
+    if max(max(n) for n in steps.values()) > room:
+        raise SystemExit(f"--cached_steps/--recompute_steps must be <= {room} at N={length} (prompt N/2); lower them.")
+    runs = {p: build(cfg, max(steps[p]), p == "recompute") for p in ("cached", "recompute")}
     module = runs["cached"][0]
     tok = jnp.ones((batch, length), jnp.int32)
     params = jax.jit(lambda r: module.init(r, tok, tok, enable_dropout=False))(jax.random.PRNGKey(0))["params"]
@@ -92,7 +70,7 @@ def measure(length: int, mixer: str, args) -> dict:
     for _ in range(args.repeats):
         for path, (_, run) in runs.items():  # alternate the paths
             for n in steps[path]:
-                best[path, n] = min(best[path, n], timed(run, params, prompt, lengths, jnp.int32(n)))
+                best[path, n] = min(best[path, n], common.timed(lambda: run(params, prompt, lengths, jnp.int32(n))))
     row = {"length": length, "block": cfg.mixer_block, "mixer": mixer, "greedy_agree": agree}
     for path in runs:
         n1, n2 = steps[path]
@@ -105,18 +83,10 @@ def measure(length: int, mixer: str, args) -> dict:
 
 
 def hardware_line(args, load_before: float) -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return (
-        f"{dev.platform.upper()} ({dev.device_kind}; {cpu}, {os.cpu_count()} cores), jax {jax.__version__}, "
-        f"python {platform.python_version()}; model: features {args.features}, depth {args.depth}, "
+        f"{common.hardware_line(common.hardware())}; model: features {args.features}, depth {args.depth}, "
         f"conv_features {4 * args.features}, vocab 384, fp32; batch {args.batch}; greedy. "
-        f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other work on the machine "
+        f"1-minute load average {load_before:.1f} before, {common.load():.1f} after (other work on the machine "
         "slows both paths alike; the two alternate)."
     )
 
@@ -154,16 +124,16 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cached_steps", type=int, nargs=2, default=[8, 200])
+    parser.add_argument("--cached_steps", type=int, nargs=2, default=[8, 120])
     parser.add_argument("--recompute_steps", type=int, nargs=2, default=[1, 3])
     parser.add_argument("--out", default=None, help=f"markdown file to write (default {RESULTS}; none with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.features, args.depth, args.batch, args.repeats = [64], 32, 1, 2, 2
-        args.cached_steps, args.recompute_steps = [4, 100], [1, 3]
+        args.cached_steps, args.recompute_steps = [4, 30], [1, 3]
     out = args.out or (None if args.quick else RESULTS)
 
-    load_before = os.getloadavg()[0]
+    load_before = common.load()
     rows = []
     for length in args.lengths:
         for mixer in args.mixers:

@@ -82,11 +82,6 @@ def logical_axes(variables: Any) -> Any:
     return flax.core.unfreeze(nn_partitioning.get_axis_names(variables["params_axes"]))
 
 
-def logical_names(spec: Any) -> tuple[str, ...]:
-    """The tuple of names of a PartitionSpec / tuple leaf."""
-    return tuple(spec)
-
-
 def is_spec(x: Any) -> bool:
     return isinstance(x, jax.sharding.PartitionSpec)
 

@@ -12,13 +12,14 @@ Nothing here unpickles: orbax stores arrays with tensorstore and metadata as JSO
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from olmax import utils
+from olmax import multihost, utils
 
 
 def tree_shapes(tree: Any) -> dict[str, list[int]]:
@@ -27,6 +28,37 @@ def tree_shapes(tree: Any) -> dict[str, list[int]]:
 
 class CheckpointMismatchError(ValueError):
     pass
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (a full disk, no write permission): the run must stop, the message says why."""
+
+
+def _hide_closed_event_loop_reports() -> None:
+    """After a background save fails, orbax closes its event loop while tensorstore still
+    calls back into it; each callback reports 'RuntimeError: Event loop is closed' (hundreds
+    of tracebacks after a full disk). They say nothing the save error does not, so they are
+    dropped; every other report passes through."""
+    import threading
+
+    if getattr(sys.excepthook, "olmax_hides_closed_loops", False):
+        return
+
+    def closed_loop(kind, value) -> bool:
+        return kind is RuntimeError and str(value) == "Event loop is closed"
+
+    previous, previous_thread = sys.excepthook, threading.excepthook
+
+    def hook(kind, value, tb):
+        if not closed_loop(kind, value):
+            previous(kind, value, tb)
+
+    def thread_hook(args):
+        if not closed_loop(args.exc_type, args.exc_value):
+            previous_thread(args)
+
+    hook.olmax_hides_closed_loops = True
+    sys.excepthook, threading.excepthook = hook, thread_hook
 
 
 class Checkpointer:
@@ -52,32 +84,61 @@ class Checkpointer:
             create=save_cfg is not None,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        if save_cfg is not None:
+            _hide_closed_event_loop_reports()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
     def should_save(self, step: int) -> bool:
         return bool(self.save_cfg) and step % self.save_cfg.period == 0
 
-    def save(self, step: int, state: Any, extra_meta: dict | None = None) -> None:
-        """Starts an (async) save of `state` at `step`; returns before it completes."""
-        meta = dict(self.meta, step=int(step), **(extra_meta or {}))
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+    def save(self, step: int, state: Any) -> None:
+        """Starts an (async) save of `state` at `step`; returns before it completes.
+        Raises CheckpointSaveError if this or an earlier background save failed."""
+        meta = dict(self.meta, step=int(step))
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001  orbax raises what the filesystem raised, wrapped
+            raise self._save_error(e) from None
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def check(self) -> None:
+        """Raises CheckpointSaveError as soon as a background save has failed (does not wait)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(e) from None
+
+    def _save_error(self, e: Exception) -> CheckpointSaveError:
+        text = str(e)
+        cause = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        full = any(s in text for s in ("No space left", "RESOURCE_EXHAUSTED", "ENOSPC", "Disk quota exceeded"))
+        steps = self.all_steps()
+        last = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint is complete"
+        fix = ("the disk is full: free space or point MODEL_DIR at a larger disk" if full
+               else "check that MODEL_DIR is writable and has space")
+        return CheckpointSaveError(f"Saving a checkpoint to {self.directory} failed, so the run stops: {fix}, then "
+                                   f"rerun the same command to resume ({last}). Cause: {cause[:300]}")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves, then releases the manager; raises CheckpointSaveError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(e) from None
+        finally:
+            self.manager.close()
+
+    def abandon(self) -> None:
+        """close() for a run that is already failing: errors of pending saves are not raised again."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -142,7 +203,7 @@ class Checkpointer:
         so it is not found again and a new save of that step does not collide with it."""
         src = os.path.join(self.directory, str(step))
         dst = f"{src}.corrupt"
-        if self.save_cfg is None or jax.process_index() != 0 or "://" in src:
+        if self.save_cfg is None or not multihost.is_main_process() or "://" in src:
             return "(left in place)"
         n = 1
         while os.path.exists(dst):

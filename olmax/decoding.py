@@ -198,7 +198,8 @@ def recompute_step_fn(module, params) -> StepFn:
     jax.jit, static_argnames=("module", "max_new_tokens", "cache_length", "sampler", "eos_id", "recompute")
 )
 def _generate(
-    module, params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens, cache_length, sampler, eos_id, recompute
+    module, params, prompt_tokens, prompt_lengths, rng, step_limit, *, max_new_tokens, cache_length, sampler, eos_id,
+    recompute
 ):
     bsz, width = prompt_tokens.shape
     lengths = jnp.clip(jnp.asarray(prompt_lengths, jnp.int32), 1, width)
@@ -206,7 +207,7 @@ def _generate(
     first = jnp.take_along_axis(prompt_tokens, lengths[:, None] - 1, axis=1)[:, 0]
     # Generated token j of row r lands at position lengths[r] + j and is produced by
     # feeding position lengths[r] - 1 + j, which must lie inside the cache.
-    limits = jnp.clip(cache_length - lengths + 1, 0, max_new_tokens)
+    limits = jnp.clip(cache_length - lengths + 1, 0, jnp.minimum(max_new_tokens, step_limit))
     if recompute:
         buffer = jnp.pad(prompt_tokens, ((0, 0), (0, cache_length - width)))
         step, state = recompute_step_fn(module, params), (buffer, lengths - 1)
@@ -233,6 +234,7 @@ def generate(
     cache_length: int | None = None,
     recompute: bool = False,
     return_scores: bool = False,
+    step_limit: int | Array | None = None,
 ):
     """Sample continuations of a batch of prompts, jit-compiled, with the decode cache.
 
@@ -250,6 +252,8 @@ def generate(
         its sequence fills the cache (T5X's meaning of max_decode_length).
       recompute: run the full forward at every step instead (the slow reference).
       return_scores: also return scores [b] (see `sample_loop`).
+      step_limit: at most this many new tokens per row (<= max_new_tokens), a traced
+        value: changing it does not recompile (benchmarks time n1 vs n2 steps this way).
 
     Returns:
       tokens [b, max_new_tokens] int32, 0 after a row stops (and scores if asked).
@@ -273,6 +277,7 @@ def generate(
         prompt_tokens,
         jnp.broadcast_to(jnp.asarray(prompt_lengths, jnp.int32), prompt_tokens.shape[:1]),
         rng,
+        jnp.asarray(max_new_tokens if step_limit is None else step_limit, jnp.int32),
         max_new_tokens=int(max_new_tokens),
         cache_length=int(cache_length),
         sampler=sampler,

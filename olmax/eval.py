@@ -25,39 +25,11 @@ import seqio
 from absl import logging
 from clu import metric_writers
 
-from olmax import checkpoints, gin_utils, models, partitioning, train, utils
-
-
-def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[int]]:
-    """(directory of checkpoints, the steps to evaluate) for CHECKPOINT_PATH."""
-    path = os.path.normpath(os.fspath(path))
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), [int(base)]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist; point it at a MODEL_DIR or a MODEL_DIR/<step>.")
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
-    if not steps:
-        raise FileNotFoundError(f"No checkpoints (numbered step directories) in CHECKPOINT_PATH={path!r}.")
-    if cfg.mode == "all":
-        return path, steps
-    if cfg.mode == "specific" and cfg.step is not None:
-        if cfg.step not in steps:
-            raise FileNotFoundError(f"No checkpoint for step {cfg.step} in {path!r}; it has {steps}.")
-        return path, [cfg.step]
-    return path, [steps[-1]]
-
-
-def load_params(setup: train.TrainSetup, directory: str, step: int):
-    """Restores only the parameters of the checkpoint at `step`."""
-    ckpt = checkpoints.Checkpointer(directory, None, train.run_meta(setup.model, setup.param_shapes))
-    abstract = {"params": checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)}
-    state, _ = ckpt.restore(step, abstract, partial=True)
-    return state["params"]
+from olmax import gin_utils, models, multihost, partitioning, trainer, utils
 
 
 def _seqio_evaluate(model: models.DecoderOnlyLM, params, cfg: utils.DatasetConfig, step: int, output_dir: str,
-                    max_decode_length: int | None = None) -> dict:
+                    score_step, max_decode_length: int | None = None) -> dict:
     """Inference metrics of tasks that define metric functions (seqio.Evaluator)."""
     task = utils.get_task(cfg)
     tasks = [task] if isinstance(task, seqio.Task) else list(task.tasks)
@@ -89,7 +61,7 @@ def _seqio_evaluate(model: models.DecoderOnlyLM, params, cfg: utils.DatasetConfi
     def score_fn(ds):
         out = []
         for index, batch in batched(ds):
-            out.extend(zip(index.tolist(), np.asarray(model.score_batch(params, batch)).tolist()))
+            out.extend(zip(index.tolist(), np.asarray(score_step(params, batch)).tolist()))
         return out
 
     all_metrics, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn, score_fn=score_fn)
@@ -111,26 +83,22 @@ def evaluate(
 ) -> list[dict]:
     """Evaluates the selected checkpoints; returns one metrics dict per checkpoint."""
     partitioner = partitioner or partitioning.PjitPartitioner()
-    partitioner.check_batch_size(dataset_cfg.batch_size)
+    trainer.check_batch(dataset_cfg.batch_size, partitioner)
     utils.check_lengths(dataset_cfg, model.config.max_length)
-    path = restore_checkpoint_cfg.path or model_dir
-    if not path:
-        raise ValueError("Set CHECKPOINT_PATH (a MODEL_DIR or a MODEL_DIR/<step>) or MODEL_DIR to evaluate.")
-    directory, steps = checkpoint_steps(path, restore_checkpoint_cfg)
+    directory, steps = trainer.checkpoint_steps(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir),
+                                                restore_checkpoint_cfg)
     output_dir = output_dir or os.path.join(directory, "eval")
-    length = dataset_cfg.task_feature_lengths["targets"]
-    setup = train.TrainSetup(model, partitioner, (dataset_cfg.batch_size, length))
-    eval_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1],
-                      in_shardings=(setup.param_shardings, partitioner.data_sharding))
-    is_main = jax.process_index() == 0
+    setup = trainer.TrainSetup(model, partitioner, (dataset_cfg.batch_size, dataset_cfg.task_feature_lengths["targets"]))
+    compiled = trainer.make_steps(setup)
+    is_main = multihost.is_main_process()
     os.makedirs(output_dir, exist_ok=True)
     writer = metric_writers.create_default_writer(output_dir, just_logging=not is_main, collection="eval")
     results = []
     for step in steps:
-        params = load_params(setup, directory, step)
-        metrics = train.evaluate(model, params, dataset_cfg, partitioner, eval_steps, eval_fn)
+        params = trainer.load_params(setup, directory, step)
+        metrics = trainer.evaluate(params, dataset_cfg, partitioner, eval_steps, compiled.eval)
         if run_seqio_evaluator:
-            metrics.update(_seqio_evaluate(model, params, dataset_cfg, step, output_dir))
+            metrics.update(_seqio_evaluate(model, params, dataset_cfg, step, output_dir, compiled.score))
         record = {"step": step, "checkpoint": os.path.join(directory, str(step)),
                   "task": dataset_cfg.mixture_or_task_name, "split": dataset_cfg.split, **metrics}
         results.append(record)
@@ -138,23 +106,14 @@ def evaluate(
             writer.write_scalars(step, metrics)
             with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        logging.info("eval %s: %s", record["checkpoint"], train._fmt_metrics(metrics))
+        logging.info("eval %s: %s", record["checkpoint"], trainer.fmt_metrics(metrics))
         print(json.dumps(record), flush=True)
     writer.flush()
     return results
 
 
-def main(argv):
-    del argv
-    from olmax import multihost
-
-    multihost.initialize_from_flags()
-    gin_utils.parse_from_flags(run_file="runs/eval.gin")
-    evaluate()
-
-
 def console_main():
-    gin_utils.run(main)
+    gin_utils.run_binary(evaluate, run_file="runs/eval.gin")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import gin
 from absl import flags
@@ -38,19 +38,14 @@ def define_flags() -> None:
 
 
 def package_gin_dir() -> str:
-    """The directory holding Olmax's gin files: olmax/gin in a pip install (package
-    data), <checkout>/gin in a checkout. Not an importable package on purpose: a
-    `gin/__init__.py` would shadow gin-config for anything run from the checkout."""
-    package = pathlib.Path(__file__).resolve().parent
-    for candidate in (package / "gin", package.parent / "gin"):
-        if (candidate / "quickstart.gin").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"Olmax's gin files are missing (looked in {package / 'gin'} and {package.parent / 'gin'}).")
+    """olmax/gin: Olmax's gin files, package data in a checkout and in a pip install alike.
+    Not an importable package on purpose: nothing there is Python."""
+    return str(pathlib.Path(__file__).resolve().parent / "gin")
 
 
 def default_search_paths() -> list[str]:
-    # `gin/models/tiny.gin` resolves against the checkout or the installed package root.
-    return [os.getcwd(), os.path.dirname(package_gin_dir()), package_gin_dir()]
+    # `gin/models/tiny.gin` resolves against the working directory, else the olmax package.
+    return [os.getcwd(), os.path.dirname(package_gin_dir())]
 
 
 def _as_gin_value(value: str) -> str:
@@ -129,9 +124,15 @@ def _check_exists(path: str, search_paths: list[str]) -> None:
 
 class _LibraryNoise(logging.Filter):
     """Drops the INFO chatter of orbax (per-save timings) and gin's file search
-    ("Path not found" while it tries each search path); warnings still show."""
+    ("Path not found" while it tries each search path), and orbax's tracebacks of a
+    failed background save (the trainer reports it); other warnings still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and record.levelno >= logging.ERROR:
+            # A background save that failed: the trainer stops with one message naming the cause
+            # (checkpoints.CheckpointSaveError), so orbax's per-thread tracebacks are left out.
+            message = record.getMessage()
+            return not ("raised an exception" in message or "thread" in message.lower())
         if record.levelno >= logging.WARNING and "resource_reader" not in record.pathname:
             return True
         noisy = ("/orbax/", "resource_reader", "/seqio/", "xla_bridge", "/etils/")
@@ -139,12 +140,31 @@ class _LibraryNoise(logging.Filter):
 
 
 def run(main, argv: Sequence[str] | None = None) -> None:
-    """absl.app.run with --gin.KEY=VALUE support."""
+    """absl.app.run with --gin.KEY=VALUE support, TensorFlow kept off the GPUs (and quiet)."""
     from absl import app
+
+    from olmax import tf_quiet
+
+    tf_quiet.hide_accelerators()  # before app.run, whose start-up already wakes TensorFlow's runtime
 
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
     app.run(main, argv=argv)
+
+
+def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | None = None) -> None:
+    """What every binary's console script does: parse the flags, join the other hosts
+    (olmax.multihost), parse Gin (`run_file` first), then call `entry()`."""
+
+    def main(argv):
+        del argv
+        from olmax import multihost
+
+        multihost.initialize_from_flags()
+        parse_from_flags(run_file=run_file)
+        entry()
+
+    run(main, argv)
 
 
 def quiet_library_logs() -> None:
@@ -154,7 +174,7 @@ def quiet_library_logs() -> None:
 
 def parse_from_flags(run_file: str | None = None) -> None:
     quiet_library_logs()
-    import olmax_tasks  # noqa: F401  registers the tasks and their gin configurables
+    from olmax import tasks  # noqa: F401  registers the tasks and their gin configurables
 
     fl = flags.FLAGS
     if fl.tfds_data_dir:

@@ -13,6 +13,7 @@ as T5X's infer writes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from olmax import decoding, eval as eval_lib, gin_utils, models, partitioning, train, utils
+from olmax import decoding, gin_utils, models, multihost, partitioning, trainer, utils
 
 
 def _define_flags() -> None:
@@ -75,13 +76,11 @@ def infer(
     if model.vocabulary is None:
         raise ValueError("The model has no vocabulary; set models.DecoderOnlyLM.vocabulary in the model gin file.")
     partitioner = partitioner or partitioning.PjitPartitioner()
-    path = restore_checkpoint_cfg.path or model_dir
-    if not path:
-        raise ValueError("Set CHECKPOINT_PATH (a MODEL_DIR or a MODEL_DIR/<step>) or MODEL_DIR.")
-    directory, (step,) = eval_lib.checkpoint_steps(path, utils.RestoreCheckpointConfig(
-        path=path, step=restore_checkpoint_cfg.step, mode=restore_checkpoint_cfg.mode if restore_checkpoint_cfg.mode != "all" else "latest"))
-    setup = train.TrainSetup(model, partitioner, (1, model.config.max_length))
-    params = eval_lib.load_params(setup, directory, step)
+    single = dataclasses.replace(restore_checkpoint_cfg, mode="latest" if restore_checkpoint_cfg.mode == "all"
+                                 else restore_checkpoint_cfg.mode)  # infer reads one checkpoint
+    directory, (step,) = trainer.checkpoint_steps(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir), single)
+    setup = trainer.TrainSetup(model, partitioner, (1, model.config.max_length))
+    params = trainer.load_params(setup, directory, step)
     vocab = model.vocabulary
     rng = jax.random.PRNGKey(random_seed)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, eos_id=1)
@@ -92,7 +91,7 @@ def infer(
         new = min(max_decode_length, model.config.max_length - len(tokens) + 1)
         out = decoding.generate(model, params, batch, np.full(num_samples, len(tokens)), rng, new, **sample_kw)
         texts = [_decode(vocab, row) for row in np.asarray(out)]
-        if jax.process_index() == 0:
+        if multihost.is_main_process():
             for t in texts:
                 print(prompt + t, flush=True)
         return texts
@@ -107,7 +106,7 @@ def infer(
 
     ds = seqio.DecoderFeatureConverter(pack=False)(ds, dict(dataset_cfg.task_feature_lengths))
     ds = ds.take(max_examples) if max_examples else ds
-    score_fn = jax.jit(model.score_batch)
+    score_fn = trainer.make_steps(setup).score
     index = 0
     with open(out_path, "w") as f:
         for batch in ds.batch(dataset_cfg.batch_size).as_numpy_iterator():
@@ -138,22 +137,11 @@ def infer(
     return out_path
 
 
-def main(argv):
-    del argv
-    from olmax import multihost
-
-    multihost.initialize_from_flags()
-    gin_utils.parse_from_flags(run_file="runs/infer.gin")
-    fl = flags.FLAGS
-    if fl.prompt is not None:
-        infer(prompt=fl.prompt, num_samples=fl.num_samples)
-    else:
-        infer()
-
-
 def console_main():
     _define_flags()
-    gin_utils.run(main)
+    fl = flags.FLAGS
+    gin_utils.run_binary(lambda: infer() if fl.prompt is None else infer(prompt=fl.prompt, num_samples=fl.num_samples),
+                         run_file="runs/infer.gin")
 
 
 if __name__ == "__main__":

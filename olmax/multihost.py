@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from absl import flags, logging
 
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -99,6 +100,16 @@ def initialize(coordinator_address: str | None = None, process_count: int | None
 def initialize_from_flags() -> None:
     fl = flags.FLAGS
     initialize(fl.coordinator_address, fl.process_count, fl.process_index)
+
+
+def all_processes(flag: bool) -> bool:
+    """True when `flag` is True on every process. A collective: every process must call it,
+    as often as the others (one process: just `flag`)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def is_main_process() -> bool:

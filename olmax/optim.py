@@ -20,8 +20,8 @@ scanned stack) and 'expert' (MoE experts) are batch-like axes, never reduced;
 
 import functools
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import gin
 import jax
@@ -267,6 +267,20 @@ def make_schedule(
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 
 
+class Optimizer(NamedTuple):
+    """An optax GradientTransformation (`init`, `update`) plus what the trainer logs.
+
+    `learning_rate`: the schedule, step -> LR. `agc`: (clipping, eps) of its AGC, None
+    without. A factory bound in Gin may return a plain optax transformation instead;
+    the trainer then logs neither the LR nor the AGC clip fraction.
+    """
+
+    init: Callable
+    update: Callable
+    learning_rate: optax.Schedule
+    agc: tuple[float, float] | None
+
+
 @gin.configurable
 def create_optimizer(
     learning_rate: float = 1e-3,
@@ -282,8 +296,8 @@ def create_optimizer(
     agc_eps: float = 1e-3,
     axes=None,
     exclude_from_agc: str | Sequence[str] | None = None,
-) -> optax.GradientTransformation:
-    """The training optimizer (see module docstring for the chain).
+) -> Optimizer:
+    """The training optimizer (see module docstring for the chain), with its schedule and AGC settings.
 
     Args:
         learning_rate, schedule, warmup_steps, total_steps: see `make_schedule`.
@@ -316,4 +330,5 @@ def create_optimizer(
         chain.append(optax.add_decayed_weights(weight_decay, mask=mask))
     lr = make_schedule(schedule, learning_rate, warmup_steps, total_steps)
     chain.append(optax.scale_by_learning_rate(lr))
-    return optax.chain(*chain)
+    tx = optax.chain(*chain)
+    return Optimizer(tx.init, tx.update, lr, (clipping, agc_eps) if clipping else None)

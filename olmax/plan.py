@@ -144,23 +144,16 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
     import jax
     import numpy as np
 
-    from olmax import models, optim, perf, train
+    from olmax import models, optim, perf, trainer
 
-    partitioner.check_batch_size(batch_size)
-    if batch_size % (partitioner.data_parallel_size * microbatches):
-        raise ValueError(f"BATCH_SIZE={batch_size} must split into {microbatches} microbatches, each divisible by "
-                         f"the data-parallel size {partitioner.data_parallel_size}.")
+    trainer.check_batch(batch_size, partitioner, microbatches)
     if length > model.config.max_length:
         raise ValueError(f"--length={length} exceeds the model's max_length={model.config.max_length}.")
-    optimizer = optimizer or optim.create_optimizer
-    setup = train.TrainSetup(model, partitioner, (batch_size, length), optimizer)
-    step_fn = train.make_train_step(model, setup.tx, microbatches, 0, train._agc_clip_metric(optimizer, setup.logical_specs))
+    setup = trainer.TrainSetup(model, partitioner, (batch_size, length), optimizer or optim.create_optimizer)
     state = setup.abstract_state()
     batch = abstract_batch(partitioner, batch_size, length)
     with partitioner.activate():
-        jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, partitioner.data_sharding),
-                         out_shardings=(setup.state_shardings, partitioner.replicated), donate_argnums=(0,))
-        compiled = jitted.lower(state, batch).compile()
+        compiled = trainer.make_steps(setup, microbatches).train.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     param_bytes = _sharded_bytes(setup.param_shapes, setup.param_shardings)
     opt_bytes = _sharded_bytes(state["opt_state"], setup.state_shardings["opt_state"])

@@ -16,7 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-import olmax_tasks
+from olmax import tasks
 
 
 @gin.configurable
@@ -43,15 +43,30 @@ class SaveCheckpointConfig:
     async_save: bool = True
 
 
+RESTORE_MODES = ("latest", "specific", "all")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RestoreCheckpointConfig:
-    """Where to start from. `path` None: the latest checkpoint in MODEL_DIR, if any."""
+    """Where to start from. `path` None: the latest checkpoint in MODEL_DIR, if any.
+
+    mode: "latest" (the newest checkpoint under `path`), "specific" (the one of `step`)
+    or "all" (eval: every checkpoint, in order). The model must match the checkpoint
+    (shapes and vocabulary) whatever the mode: a mismatch is an error naming both sides.
+    """
 
     path: str | None = None  # a checkpoint directory (…/<step>) or a directory of them
     step: int | None = None
-    mode: str = "latest"  # "latest", "specific" (path/step) or "all" (eval: every checkpoint)
-    strict: bool = True  # shapes and vocabulary must match the model
+    mode: str = "latest"
+
+    def __post_init__(self):
+        if self.mode not in RESTORE_MODES:
+            raise ValueError(f"RestoreCheckpointConfig.mode={self.mode!r} is not one of {RESTORE_MODES}; "
+                             "e.g. --gin.utils.RestoreCheckpointConfig.mode=\"'all'\".")
+        if self.mode == "specific" and self.step is None:
+            raise ValueError("RestoreCheckpointConfig.mode='specific' needs a step: set "
+                             "--gin.utils.RestoreCheckpointConfig.step=N (or point CHECKPOINT_PATH at MODEL_DIR/N).")
 
 
 @gin.configurable
@@ -62,8 +77,8 @@ class CheckpointConfig:
 
 
 def get_task(cfg: DatasetConfig):
-    olmax_tasks.import_task_module(cfg.module)
-    return olmax_tasks.get_task_or_mixture(cfg.mixture_or_task_name)
+    tasks.import_task_module(cfg.module)
+    return tasks.get_task_or_mixture(cfg.mixture_or_task_name)
 
 
 def get_dataset(

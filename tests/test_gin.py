@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-import olmax_tasks  # noqa: F401  (registers gin configurables)
 from olmax import axes, eval as eval_lib, gin_utils, infer, models, network, optim, train  # noqa: F401
+from olmax import tasks  # noqa: F401  (registers gin configurables)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MACROS = ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'olmax_stdlib'", "TASK_FEATURE_LENGTHS = {'targets': 64}",
@@ -31,12 +31,12 @@ def clean_gin():
 
 
 def _parse(files, bindings=()):
-    gin_utils.parse([os.path.join(REPO, f) for f in files], list(bindings) + ["probe.model = %MODEL"], [REPO])
+    gin_utils.parse(list(files), list(bindings) + ["probe.model = %MODEL"], [REPO])
 
 
-@pytest.mark.parametrize("model_file", sorted(glob.glob(os.path.join(REPO, "gin/models/*.gin"))))
+@pytest.mark.parametrize("model_file", sorted(glob.glob(os.path.join(REPO, "olmax/gin/models/*.gin"))))
 def test_model_files_bind_and_state_their_size(model_file):
-    _parse(["gin/runs/pretrain.gin", os.path.relpath(model_file, REPO)], MACROS)
+    _parse(["gin/runs/pretrain.gin", os.path.relpath(model_file, os.path.join(REPO, "olmax"))], MACROS)
     model = probe()
     assert isinstance(model, models.DecoderOnlyLM)
     shapes = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), {"decoder_input_tokens": (1, 16)}))
@@ -50,7 +50,7 @@ def test_model_files_bind_and_state_their_size(model_file):
 
 @pytest.mark.parametrize("run_file", ["runs/pretrain.gin", "runs/eval.gin", "runs/infer.gin"])
 def test_run_files_bind_with_the_quickstart(run_file):
-    gin_utils.parse([os.path.join(REPO, "gin/quickstart.gin")], ["probe.model = %MODEL"], [REPO], run_file=run_file)
+    gin_utils.parse(["gin/quickstart.gin"], ["probe.model = %MODEL"], [REPO], run_file=run_file)
     assert isinstance(probe(), models.DecoderOnlyLM)
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "olmax_stdlib"
     assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"targets": 256}
@@ -75,9 +75,9 @@ def test_unquoted_string_flags():
 def test_t5x_file_references_exist_and_axes_drive_agc():
     """Upstream T5X is not installable here; check what can be: every Olmax name the
     file binds exists, and the AGC it configures gets the same axes as our trainer."""
-    text = open(os.path.join(REPO, "gin/t5x/olmax_decoder_only.gin")).read()
-    modules = {"network": network, "optim": optim, "axes": axes, "olmax_tasks": olmax_tasks}
-    for mod, name in re.findall(r"\b(network|optim|axes|olmax_tasks)\.(\w+)", text):
+    text = open(os.path.join(REPO, "olmax/gin/t5x/olmax_decoder_only.gin")).read()
+    modules = {"network": network, "optim": optim, "axes": axes, "tasks": tasks}
+    for mod, name in re.findall(r"\b(network|optim|axes|tasks)\.(\w+)", text):
         assert hasattr(modules[mod], name), f"{mod}.{name}"
     cfg = network.OlmaxConfig(vocab_size=64, features=16, depth=2, max_length=16, conv_features=16, mixer_block=4,
                               mixer_heads=2, num_heads=2)

@@ -234,3 +234,66 @@ def test_cluster_detection(monkeypatch):
     assert multihost.detect_cluster() == "SLURM"
     monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: no runtime to join
     assert multihost.detect_cluster() is None
+
+
+UNEVEN_EVAL = textwrap.dedent('''
+    """One process of a 2-process evaluation whose validation shards hold 3 and 2 batches."""
+    import json
+    import sys
+
+    from olmax import multihost
+
+    multihost.initialize(sys.argv[1], 2, int(sys.argv[2]))
+
+    import seqio
+    import tensorflow as tf
+
+    from olmax import models, network, partitioning, tasks, trainer, utils
+
+    def _dataset(split, shuffle_files=False, seed=None):  # 5 one-row documents: shards of 3 and 2 rows
+        return tf.data.Dataset.from_tensor_slices({"text": [f"document number {i}" for i in range(5)]})
+
+    tasks.add_lm_task("olmax_uneven_eval", seqio.FunctionDataSource(_dataset, splits=("validation",)),
+                      tasks.byte_vocabulary())
+    cfg = network.OlmaxConfig(vocab_size=384, features=16, depth=1, max_length=32, conv_features=16, mixer_block=4,
+                              mixer_heads=2, num_heads=2)
+    model = models.DecoderOnlyLM(network.Olmax(cfg), tasks.byte_vocabulary())
+    partitioner = partitioning.PjitPartitioner()
+    setup = trainer.TrainSetup(model, partitioner, (2, 32))
+    data = utils.DatasetConfig("olmax_uneven_eval", {"targets": 32}, split="validation", batch_size=2, shuffle=False,
+                               pack=False)
+    metrics = trainer.evaluate(setup.init_state()["params"], data, partitioner, None, trainer.make_steps(setup).eval)
+    print("METRICS " + json.dumps(metrics), flush=True)
+''')
+
+
+@pytest.mark.slow
+def test_eval_with_uneven_shards_ends_on_every_process(tmp_path):
+    """Two processes (loopback, gloo) evaluate a split whose shards hold 3 and 2 batches: both
+    stop after the 2 batches every process has, with the same metrics, instead of process 0
+    waiting forever in its third collective step."""
+    from launch import local
+
+    script = tmp_path / "uneven_eval.py"
+    script.write_text(UNEVEN_EVAL)
+    address = f"127.0.0.1:{local.free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(script), address, str(i)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                              env=dict(_env(), **local.process_env(i, 1, "cpu")))
+             for i in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+        raise AssertionError("a process still waits after 240 s: uneven shards hang the evaluation") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    import json
+
+    metrics = [json.loads(re.search(r"^METRICS (.*)$", o, re.M).group(1)) for o in outputs]
+    assert metrics[0] == metrics[1]
+    assert metrics[0]["tokens"] == 2 * 2 * 18  # 2 global batches of 2 rows, "document number i" + EOS

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from olmax import models, network, optim, partitioning, plan, train
+from olmax import models, network, optim, partitioning, plan, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = network.OlmaxConfig(vocab_size=128, features=64, depth=2, max_length=64, conv_features=128, conv_kernel=3,
@@ -53,7 +53,7 @@ def test_parameter_bytes_follow_the_sharding(sharded):
     assert replicated.param_bytes == replicated.total_param_bytes == sharded.total_param_bytes
     # Leaf by leaf: a parameter split over `model` costs 1/2 per device, the rest (norm scales, ...) all of it.
     partitioner = partitioning.PjitPartitioner(mesh_shape={"data": 4, "model": 2})
-    setup = train.TrainSetup(models.DecoderOnlyLM(network.Olmax(CFG)), partitioner, (8, 64))
+    setup = trainer.TrainSetup(models.DecoderOnlyLM(network.Olmax(CFG)), partitioner, (8, 64))
     expected, split = 0, 0
     for shape, sharding in zip(jax.tree.leaves(setup.param_shapes), jax.tree.leaves(setup.param_shardings)):
         over_model = "model" in jax.tree.leaves(tuple(sharding.spec))

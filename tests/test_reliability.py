@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from olmax import checkpoints, models, network, optim, partitioning, train, utils
+from olmax import checkpoints, models, network, optim, partitioning, trainer, utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -147,9 +147,9 @@ CFG = network.OlmaxConfig(vocab_size=64, features=16, depth=2, max_length=16, co
 def test_nonfinite_gradient_skips_the_step():
     model = models.DecoderOnlyLM(network.Olmax(CFG))
     partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
-    setup = train.TrainSetup(model, partitioner, (2, 16), lambda axes: optim.create_optimizer(axes=axes, warmup_steps=1))
+    setup = trainer.TrainSetup(model, partitioner, (2, 16), lambda axes: optim.create_optimizer(axes=axes, warmup_steps=1))
     state = setup.init_state()
-    step = jax.jit(train.make_train_step(model, setup.tx, 1, 0, None))
+    step = jax.jit(trainer.make_train_step(model, setup.tx, 1, 0, None))
     tokens = np.arange(34).reshape(2, 17) % 60 + 1
     good = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
             "decoder_loss_weights": np.ones((2, 16), np.float32)}
@@ -192,10 +192,10 @@ def test_empty_split_is_reported(tmp_path):
                                          validation_patterns=[str(tmp_path / "a.txt")])
     model = models.DecoderOnlyLM(network.Olmax(CFG))
     partitioner = partitioning.PjitPartitioner(devices=jax.devices()[:1])
-    params = train.TrainSetup(model, partitioner, (64, 16)).init_state()["params"]
+    params = trainer.TrainSetup(model, partitioner, (64, 16)).init_state()["params"]
     with pytest.raises(ValueError, match="empty or smaller than one batch"):
-        train.evaluate(model, params, utils.DatasetConfig("tiny_task", {"targets": 16}, split="validation", batch_size=64),
-                       partitioner, steps=None)
+        trainer.evaluate(params, utils.DatasetConfig("tiny_task", {"targets": 16}, split="validation", batch_size=64),
+                         partitioner, None, trainer.make_steps(trainer.TrainSetup(model, partitioner, (64, 16))).eval)
 
 
 def test_nothing_unpickles():
@@ -203,7 +203,7 @@ def test_nothing_unpickles():
     import re
 
     loader = re.compile(r"import (cloud)?pickle|from (cloud)?pickle|pickle\.loads?\(|allow_pickle=True|import dill|torch\.load")
-    for package in ("olmax", "tasks", "launch", "benchmarks"):
+    for package in ("olmax", "olmax_tasks", "launch", "benchmarks"):
         for root, _, files in os.walk(os.path.join(REPO, package)):
             for f in files:
                 if f.endswith(".py"):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from olmax import models, network, optim, partitioning, train
+from olmax import models, network, optim, partitioning, trainer
 
 CFG = network.OlmaxConfig(vocab_size=128, features=32, depth=2, max_length=32, conv_features=64, conv_kernel=3,
                           mixer_block=8, mixer_heads=4, num_heads=4, num_experts=4, expert_features=32,
@@ -18,11 +18,9 @@ def _losses(mesh_shape, steps=3):
     partitioner = partitioning.PjitPartitioner(mesh_shape=mesh_shape, devices=devices)
     model = models.DecoderOnlyLM(network.Olmax(CFG))
     factory = lambda axes: optim.create_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10, axes=axes)
-    setup = train.TrainSetup(model, partitioner, (8, 32), factory)
+    setup = trainer.TrainSetup(model, partitioner, (8, 32), factory)
     state = setup.init_state()
-    step = jax.jit(train.make_train_step(model, setup.tx, 1, 0, None),
-                   in_shardings=(setup.state_shardings, partitioner.data_sharding),
-                   out_shardings=(setup.state_shardings, partitioner.replicated))
+    step = trainer.make_steps(setup).train
     rng = np.random.RandomState(0)
     losses = []
     for _ in range(steps):

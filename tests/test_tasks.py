@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import seqio
 
-import olmax_tasks
-from olmax_tasks import files as files_lib
-from olmax_tasks import stdlib
-from olmax_tasks import text_files_task
-from olmax_tasks import tfds_tasks
-from olmax_tasks import train_spm
+from olmax import tasks as olmax_tasks
+from olmax.tasks import files as files_lib
+from olmax.tasks import stdlib
+from olmax.tasks import text_files_task
+from olmax.tasks import tfds_tasks
+from olmax.tasks import train_spm
 
 TASKS_DIR = os.path.dirname(os.path.abspath(olmax_tasks.__file__))
 

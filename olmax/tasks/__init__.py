@@ -1,6 +1,6 @@
-"""Olmax's seqio tasks (installed as the package `olmax_tasks`).
+"""Olmax's seqio tasks: the package `olmax.tasks` (also importable as `olmax_tasks`).
 
-`import olmax_tasks` registers, without reading any data:
+`from olmax import tasks` registers, without reading any data:
 
     olmax_stdlib   Python's standard library, byte vocabulary (offline default)
     olmax_recall   synthetic multi-query associative recall (recall.py), and its sized variants
@@ -16,9 +16,9 @@ Importing again, or calling a `register_*` function again, replaces the task
 instead of raising.
 
 What a trainer does:
-    import olmax_tasks                         # before parsing Gin (configurables)
-    olmax_tasks.import_task_module(MIXTURE_OR_TASK_MODULE)   # user's module, if any
-    task = olmax_tasks.get_task_or_mixture(MIXTURE_OR_TASK_NAME)
+    from olmax import tasks                    # before parsing Gin (configurables)
+    tasks.import_task_module(MIXTURE_OR_TASK_MODULE)         # user's module, if any
+    task = tasks.get_task_or_mixture(MIXTURE_OR_TASK_NAME)
     ds = task.get_dataset({'targets': 1024}, split='train', shuffle=True,
                           seed=seed, shard_info=seqio.ShardInfo(index, count),
                           num_epochs=None)
@@ -56,9 +56,10 @@ from .text_files_task import TEXT_FILES_TASK
 from .text_files_task import register_text_files_task
 from .text_files_task import text_files_config
 
-# The Gin configurables under the names Gin files and flags use. Being package
-# attributes, `olmax_tasks.text_files.*` / `olmax_tasks.spm_model.*` bindings
-# work both in plain Gin files and in files with `dynamic_registration`.
+# The Gin configurables under the names Gin files and flags use. Their Gin module
+# stays `olmax_tasks` (the package's former name, still an alias of this one), so
+# `olmax_tasks.text_files.*` / `olmax_tasks.spm_model.*` bindings work in plain Gin
+# files and, being package attributes, in files with `dynamic_registration`.
 text_files = text_files_config
 spm_model = spm_model_path
 from .tfds_tasks import register_tfds_text_task

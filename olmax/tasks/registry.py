@@ -34,7 +34,7 @@ class LazyVocabularyTask(seqio.Task):
 
     `vocabulary_fn()` is called on every read of `output_features` (by the
     trainer, by seqio while building a dataset, by a Mixture comparing its
-    tasks) and must be cheap: the vocabularies of `olmax_tasks.vocab` are
+    tasks) and must be cheap: the vocabularies of `olmax.tasks.vocab` are
     cached. Everyone sees a concrete vocabulary object (a ByteVocabulary or a
     SentencePieceVocabulary), yet the choice can come from Gin bindings parsed
     after the task was registered, and a missing model file is reported only

@@ -6,7 +6,7 @@
   which keeps the embedding and logits matmuls aligned on TPU / GPU tiles. Ids
   259..383 are never produced by the data.
 * `spm_vocabulary(path)`: `seqio.SentencePieceVocabulary`, checked to exist. Train
-  one with `python -m olmax_tasks.train_spm` (ids follow the T5 convention: 0=PAD,
+  one with `python -m olmax.tasks.train_spm` (ids follow the T5 convention: 0=PAD,
   1=EOS, 2=UNK, no BOS).
 * `get_vocabulary(spec)`: 'byte' / None / a `.model` path / a Vocabulary.
 * Tasks registered at import time (`text_files`, `c4_en_spm`) take their
@@ -75,7 +75,7 @@ def spm_vocabulary(path) -> seqio.SentencePieceVocabulary:
         if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
             raise FileNotFoundError(
                 f"SentencePiece model not found: {path!r}. Train one on local text "
-                "with `python -m olmax_tasks.train_spm --input 'data/*.txt' "
+                "with `python -m olmax.tasks.train_spm --input 'data/*.txt' "
                 "--vocab_size 8000 --model_prefix out/spm` (then use out/spm.model), "
                 "or use the byte vocabulary ('byte')."
             )
@@ -121,7 +121,7 @@ def spm_model_path(path: Optional[str] = None) -> str:
             "No SentencePiece model configured for the *_spm tasks: set "
             f"{SPM_MODEL_ENV}=/path/spm.model or "
             "--gin.olmax_tasks.spm_model.path=\"'/path/spm.model'\" (train one "
-            "with `python -m olmax_tasks.train_spm`)."
+            "with `python -m olmax.tasks.train_spm`)."
         )
     return path
 

@@ -1,6 +1,6 @@
 """Train a SentencePiece vocabulary on local text files.
 
-    python -m olmax_tasks.train_spm --input 'data/*.txt' --vocab_size 8000 \\
+    python -m olmax.tasks.train_spm --input 'data/*.txt' --vocab_size 8000 \\
         --model_prefix out/spm
 
 writes out/spm.model (and out/spm.vocab, the pieces as text). Use it with
@@ -110,7 +110,7 @@ def train_spm(
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m olmax_tasks.train_spm",
+        prog="python -m olmax.tasks.train_spm",
         description="Train a SentencePiece vocabulary on local text files.",
     )
     parser.add_argument(

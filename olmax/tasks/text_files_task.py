@@ -86,6 +86,19 @@ class TextFilesConfig:
     document_mode: str = "file"
     max_document_bytes: Optional[int] = sources.DEFAULT_MAX_DOCUMENT_BYTES
 
+    @classmethod
+    def from_patterns(cls, train_patterns, validation_patterns, vocabulary, validation_fraction, document_mode,
+                      max_document_bytes) -> "TextFilesConfig":
+        """From user input: pattern strings (commas separate several) or lists."""
+        return cls(
+            train_patterns=tuple(files_lib.split_patterns(train_patterns)),
+            validation_patterns=tuple(files_lib.split_patterns(validation_patterns)),
+            vocabulary=vocabulary,
+            validation_fraction=float(validation_fraction),
+            document_mode=document_mode,
+            max_document_bytes=max_document_bytes,
+        )
+
     def __post_init__(self):
         sources.check_document_mode(self.document_mode)
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -114,14 +127,8 @@ def text_files_config(
         validation_patterns = env.get(VALIDATION_FILES_ENV)
     if vocabulary is None:
         vocabulary = env.get(VOCAB_ENV) or "byte"
-    return TextFilesConfig(
-        train_patterns=tuple(files_lib.split_patterns(train_patterns)),
-        validation_patterns=tuple(files_lib.split_patterns(validation_patterns)),
-        vocabulary=vocabulary,
-        validation_fraction=float(validation_fraction),
-        document_mode=document_mode,
-        max_document_bytes=max_document_bytes,
-    )
+    return TextFilesConfig.from_patterns(train_patterns, validation_patterns, vocabulary, validation_fraction,
+                                         document_mode, max_document_bytes)
 
 
 def _files_fn(
@@ -197,14 +204,8 @@ def register_text_files_task(
     Raises:
       ValueError: bad settings (no train pattern, unknown mode, bad fraction).
     """
-    config = TextFilesConfig(
-        train_patterns=tuple(files_lib.split_patterns(train_patterns)),
-        validation_patterns=tuple(files_lib.split_patterns(validation_patterns)),
-        vocabulary=vocabulary,
-        validation_fraction=float(validation_fraction),
-        document_mode=document_mode,
-        max_document_bytes=max_document_bytes,
-    )
+    config = TextFilesConfig.from_patterns(train_patterns, validation_patterns, vocabulary, validation_fraction,
+                                           document_mode, max_document_bytes)
     if not config.train_patterns:
         raise ValueError(f"register_text_files_task({name!r}): no train_patterns given")
     hint = f"the patterns were given to register_text_files_task({name!r}, ...)"
