@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from olmax import network
+from olmax import network, tasks
 
 MIXERS = ("recall", "axial", "attention")
 OUT = os.path.join(os.path.dirname(__file__), "results")
@@ -65,13 +65,11 @@ def _answer_logprobs(cfg: network.OlmaxConfig):
 
 def score(trainee: common.Trainee, val: list[dict], pairs: int) -> tuple[float, float]:
     """(accuracy, bits per token) over the answer positions of the validation rows."""
-    import olmax_tasks
-
     fn = _answer_logprobs(trainee.cfg)
     bits = hits = count = 0.0
     for b in val:
         logp, correct = jax.device_get(fn(trainee.state["params"], b))
-        mask = olmax_tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"], pairs)
+        mask = tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"], pairs)
         bits += float(-np.sum(logp[mask]) / math.log(2))
         hits += float(np.sum(correct[mask]))
         count += float(mask.sum())
@@ -122,7 +120,7 @@ def section(points: list[dict], s: Setup) -> common.Section:
             f"Recipe: {s.steps} steps of {s.batch * 256} tokens (batch {s.batch} x 256; fewer, longer rows at 1024), "
             f"AdamW + AGC, LR {s.learning_rate} after {s.warmup_steps} warm-up steps, constant; the same batches "
             "for every model, trained in interleaved chunks of {s.chunk} steps.".replace("{s.chunk}", str(s.chunk)),
-            f"Scored on {s.val_rows} held-out rows per point, answer positions only (`olmax_tasks.answer_mask`): "
+            f"Scored on {s.val_rows} held-out rows per point, answer positions only (`tasks.answer_mask`): "
             "argmax accuracy and bits per answer token (perfect recall 0; guessing among the 64 values 6).",
         ],
         plots=["recall.png"],

@@ -56,7 +56,7 @@ def t5x_command(model_dir: str, length: int, batch: int, steps: int, eval_period
     runner = t5x_runner()
     return [runner, "train", f"--gin_search_paths={os.path.join(os.path.dirname(runner), 't5x')}",
             f"--gin_file={T5X_GIN}", "--gin_file=t5x/configs/runs/pretrain.gin",
-            *macros(model_dir, length, batch, steps, quote=True), "--gin.MIXTURE_OR_TASK_MODULE='olmax_tasks'",
+            *macros(model_dir, length, batch, steps, quote=True), "--gin.MIXTURE_OR_TASK_MODULE='olmax.tasks'",
             f"--gin.train.eval_period={eval_period}", f"--gin.train.eval_steps={eval_steps}",
             f"--gin.utils.SaveCheckpointConfig.period={steps}"]
 

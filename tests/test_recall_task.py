@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import seqio
 
-import olmax_tasks
-from olmax_tasks import recall
+from olmax import tasks
+from olmax.tasks import recall
 
 
 @pytest.mark.parametrize("pairs,length", [(8, 256), (64, 256), (3, 12)])
@@ -32,12 +32,12 @@ def test_answer_mask_finds_the_answers_from_a_batch():
     rows = [recall.recall_example(rng, 16, 128) for _ in range(3)]
     targets = np.stack([t for t, _ in rows])
     positions = np.broadcast_to(np.arange(128), targets.shape)
-    np.testing.assert_array_equal(olmax_tasks.answer_mask(targets, positions, 16), np.stack([a for _, a in rows]))
+    np.testing.assert_array_equal(tasks.answer_mask(targets, positions, 16), np.stack([a for _, a in rows]))
 
 
 def test_registered_task_gives_packed_rows_of_the_length_deterministically():
     task = seqio.get_mixture_or_task("olmax_recall_8x256")
-    assert "olmax_recall" in olmax_tasks.registered_names()
+    assert "olmax_recall" in tasks.registered_names()
 
     def first(split):
         ds = task.get_dataset({"targets": 256}, split=split, shuffle=False)
@@ -53,6 +53,6 @@ def test_registered_task_gives_packed_rows_of_the_length_deterministically():
 
 def test_bad_shapes_name_the_fix():
     with pytest.raises(ValueError, match="length >= 128"):
-        olmax_tasks.register_recall_task("bad", pairs=32, length=100)
+        tasks.register_recall_task("bad", pairs=32, length=100)
     with pytest.raises(ValueError, match="pairs=65"):
-        olmax_tasks.register_recall_task("bad", pairs=65, length=1024)
+        tasks.register_recall_task("bad", pairs=65, length=1024)
