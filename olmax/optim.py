@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from olmax import validation
+
 Names = tuple[Any, ...]  # one logical name (or None) per array dimension
 _BATCH_AXES = ("layers", "expert")  # each layer / expert has its own units
 _UNIT_AXIS = "vocab"
@@ -254,6 +256,16 @@ def make_schedule(
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 
 
+def _check_args(learning_rate, warmup_steps, total_steps, weight_decay, clipping) -> None:
+    """The numbers users set on the command line, checked before the schedule uses them."""
+    name = "optim.create_optimizer."
+    validation.number(learning_rate, name + "learning_rate", minimum=0, positive=True)
+    validation.integer(warmup_steps, name + "warmup_steps", minimum=0, example=100)
+    validation.integer(total_steps, name + "total_steps", minimum=1, example=1000, macro="TRAIN_STEPS")
+    validation.number(weight_decay, name + "weight_decay", minimum=0, example="0.1")
+    validation.number(clipping, name + "clipping", minimum=0, example="0.01", allow_none=True)
+
+
 @gin.configurable
 def create_optimizer(
     learning_rate: float = 1e-3,
@@ -286,6 +298,7 @@ def create_optimizer(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f'unknown optimizer {optimizer!r}; valid names: {", ".join(OPTIMIZERS)}.')
+    _check_args(learning_rate, warmup_steps, total_steps, weight_decay, clipping)
     chain = []
     if clipping:
         agc = adaptive_grad_clip(clipping, agc_eps, axes=axes)

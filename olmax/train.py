@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from olmax import axes, checkpoints, gin_utils, models, optim, partitioning, perf, utils
+from olmax import axes, checkpoints, gin_utils, models, optim, partitioning, perf, utils, validation
 
 
 def _tree_where(ok, new, old):
@@ -263,6 +263,9 @@ def train(
     inference metrics.
     """
     del infer_eval_dataset_cfg
+    validation.check_train_args(total_steps=total_steps, eval_steps=eval_steps, eval_period=eval_period,
+                                stats_period=stats_period, microbatches=microbatches, random_seed=random_seed,
+                                max_consecutive_nonfinite=max_consecutive_nonfinite)
     partitioner = partitioner or partitioning.PjitPartitioner()
     cfg = model.config
     partitioner.check_batch_size(train_dataset_cfg.batch_size)
@@ -275,7 +278,7 @@ def train(
     length = train_dataset_cfg.task_feature_lengths["targets"]
     batch_shape = (train_dataset_cfg.batch_size, length)
     is_main = jax.process_index() == 0
-    os.makedirs(model_dir, exist_ok=True) if "://" not in model_dir else None
+    validation.prepare_model_dir(model_dir)
     if is_main:
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())
@@ -296,6 +299,9 @@ def train(
     else:
         state = setup.init_state()
     start = int(jax.device_get(state["step"]))
+    if start >= total_steps:
+        logging.warning("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to train. "
+                        "Raise TRAIN_STEPS to continue this run.", model_dir, start, total_steps)
 
     step_fn = make_train_step(model, setup.tx, microbatches, random_seed, _agc_clip_metric(optimizer, setup.logical_specs))
     batch_shardings = partitioner.data_sharding

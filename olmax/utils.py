@@ -17,6 +17,7 @@ import seqio
 import tensorflow as tf
 
 import olmax_tasks
+from olmax import validation
 
 
 @gin.configurable
@@ -34,6 +35,10 @@ class DatasetConfig:
     pack: bool = True
     module: str | Sequence[str] | None = None  # MIXTURE_OR_TASK_MODULE
 
+    def __post_init__(self):
+        validation.integer(self.batch_size, "utils.DatasetConfig.batch_size", minimum=1, macro="BATCH_SIZE")
+        validation.feature_lengths(self.task_feature_lengths)
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,10 @@ class SaveCheckpointConfig:
     period: int = 1000  # save every `period` steps (and at the end)
     keep: int | None = 3  # keep the last `keep` checkpoints (None: all)
     async_save: bool = True
+
+    def __post_init__(self):
+        validation.integer(self.period, "utils.SaveCheckpointConfig.period", minimum=1, example=1000)
+        validation.integer(self.keep, "utils.SaveCheckpointConfig.keep", minimum=1, example=3, allow_none=True)
 
 
 @gin.configurable
@@ -52,6 +61,10 @@ class RestoreCheckpointConfig:
     step: int | None = None
     mode: str = "latest"  # "latest", "specific" (path/step) or "all" (eval: every checkpoint)
     strict: bool = True  # shapes and vocabulary must match the model
+
+    def __post_init__(self):
+        validation.integer(self.step, "utils.RestoreCheckpointConfig.step", minimum=0, example=1000, allow_none=True)
+        validation.choice(self.mode, "utils.RestoreCheckpointConfig.mode", ("latest", "specific", "all"))
 
 
 @gin.configurable
