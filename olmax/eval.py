@@ -25,7 +25,7 @@ import seqio
 from absl import logging
 from clu import metric_writers
 
-from olmax import checkpoints, gin_utils, models, partitioning, train, utils
+from olmax import checkpoints, gin_utils, models, partitioning, train, utils, validation
 
 
 def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[int]]:
@@ -36,7 +36,7 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
         return os.path.dirname(path), [int(base)]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist; point it at a MODEL_DIR or a MODEL_DIR/<step>.")
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
+    steps = _step_dirs(path)
     if not steps:
         raise FileNotFoundError(f"No checkpoints (numbered step directories) in CHECKPOINT_PATH={path!r}.")
     if cfg.mode == "all":
@@ -48,12 +48,25 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
     return path, [steps[-1]]
 
 
-def load_params(setup: train.TrainSetup, directory: str, step: int):
-    """Restores only the parameters of the checkpoint at `step`."""
-    ckpt = checkpoints.Checkpointer(directory, None, train.run_meta(setup.model, setup.param_shapes))
-    abstract = {"params": checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)}
-    state, _ = ckpt.restore(step, abstract, partial=True)
-    return state["params"]
+def _step_dirs(path: str) -> list[int]:
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
+
+
+def checkpoint_candidates(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[list[int]]]:
+    """(directory, one list per checkpoint to use: its step, then the earlier steps to fall
+    back on, newest first, should it be unreadable). Mode 'all' uses each one on its own."""
+    directory, steps = checkpoint_steps(path, cfg)
+    if cfg.mode == "all":
+        return directory, [[s] for s in steps]
+    return directory, [[s for s in reversed(_step_dirs(directory)) if s <= steps[0]]]
+
+
+def load_params(setup: train.TrainSetup, directory: str, steps: list[int],
+                when_none_left: str = "no earlier checkpoint is left"):
+    """(step, params) of the first readable checkpoint among `steps` (parameters only)."""
+    abstract = checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)
+    return checkpoints.restore_params(directory, train.run_meta(setup.model, setup.param_shapes), abstract, steps,
+                                      when_none_left)
 
 
 def _seqio_evaluate(model: models.DecoderOnlyLM, params, cfg: utils.DatasetConfig, step: int, output_dir: str,
@@ -116,18 +129,27 @@ def evaluate(
     path = restore_checkpoint_cfg.path or model_dir
     if not path:
         raise ValueError("Set CHECKPOINT_PATH (a MODEL_DIR or a MODEL_DIR/<step>) or MODEL_DIR to evaluate.")
-    directory, steps = checkpoint_steps(path, restore_checkpoint_cfg)
+    validation.integer(eval_steps, "eval.evaluate.eval_steps", minimum=1, example=20, allow_none=True)
+    directory, groups = checkpoint_candidates(path, restore_checkpoint_cfg)
     output_dir = output_dir or os.path.join(directory, "eval")
     length = dataset_cfg.task_feature_lengths["targets"]
     setup = train.TrainSetup(model, partitioner, (dataset_cfg.batch_size, length))
     eval_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1],
                       in_shardings=(setup.param_shardings, partitioner.data_sharding))
     is_main = jax.process_index() == 0
-    os.makedirs(output_dir, exist_ok=True)
-    writer = metric_writers.create_default_writer(output_dir, just_logging=not is_main, collection="eval")
+    every = restore_checkpoint_cfg.mode == "all"
+    writer = None  # created with the first readable checkpoint: nothing is left behind when none is
     results = []
-    for step in steps:
-        params = load_params(setup, directory, step)
+    for candidates in groups:
+        try:
+            step, params = load_params(setup, directory, candidates, "skipping it" if every else "no earlier checkpoint is left")
+        except checkpoints.NoReadableCheckpointError:
+            if every:
+                continue
+            raise
+        if writer is None:
+            os.makedirs(output_dir, exist_ok=True)
+            writer = metric_writers.create_default_writer(output_dir, just_logging=not is_main, collection="eval")
         metrics = train.evaluate(model, params, dataset_cfg, partitioner, eval_steps, eval_fn)
         if run_seqio_evaluator:
             metrics.update(_seqio_evaluate(model, params, dataset_cfg, step, output_dir))
@@ -140,6 +162,9 @@ def evaluate(
                 f.write(json.dumps(record) + "\n")
         logging.info("eval %s: %s", record["checkpoint"], train._fmt_metrics(metrics))
         print(json.dumps(record), flush=True)
+    if writer is None:
+        raise checkpoints.NoReadableCheckpointError(
+            f"None of the checkpoints in {directory} is readable (see the warnings above); nothing was evaluated.")
     writer.flush()
     return results
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from olmax import decoding, eval as eval_lib, gin_utils, models, partitioning, train, utils
+from olmax import decoding, eval as eval_lib, gin_utils, models, partitioning, train, utils, validation
 
 
 def _define_flags() -> None:
@@ -70,6 +70,8 @@ def infer(
 ) -> str | list[str]:
     """Runs `mode` over the dataset (returns the jsonl path) or continues `prompt`
     (returns the `num_samples` continuations, also printed)."""
+    validation.check_infer_args(num_samples=num_samples, max_examples=max_examples, prompt_length=prompt_length,
+                                max_decode_length=max_decode_length, temperature=temperature, top_k=top_k, top_p=top_p)
     if mode not in ("predict", "score"):
         raise ValueError(f"INFER_MODE={mode!r} is not 'predict' or 'score'.")
     if model.vocabulary is None:
@@ -78,10 +80,10 @@ def infer(
     path = restore_checkpoint_cfg.path or model_dir
     if not path:
         raise ValueError("Set CHECKPOINT_PATH (a MODEL_DIR or a MODEL_DIR/<step>) or MODEL_DIR.")
-    directory, (step,) = eval_lib.checkpoint_steps(path, utils.RestoreCheckpointConfig(
+    directory, (candidates,) = eval_lib.checkpoint_candidates(path, utils.RestoreCheckpointConfig(
         path=path, step=restore_checkpoint_cfg.step, mode=restore_checkpoint_cfg.mode if restore_checkpoint_cfg.mode != "all" else "latest"))
     setup = train.TrainSetup(model, partitioner, (1, model.config.max_length))
-    params = eval_lib.load_params(setup, directory, step)
+    step, params = eval_lib.load_params(setup, directory, candidates)
     vocab = model.vocabulary
     rng = jax.random.PRNGKey(random_seed)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, eos_id=1)
