@@ -213,14 +213,14 @@ def raised_by_olmax(e: BaseException) -> bool:
         tb = tb.tb_next
     if tb is None:
         return False
-    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    filename = os.path.realpath(tb.tb_frame.f_code.co_filename)
     return filename.startswith(_own_code_dirs())
 
 
 def _own_code_dirs() -> tuple[str, ...]:
     import olmax_tasks
 
-    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    return tuple(os.path.dirname(os.path.realpath(m.__file__)) + os.sep
                  for m in (sys.modules[__name__], olmax_tasks))
 
 
