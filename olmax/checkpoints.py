@@ -179,7 +179,11 @@ def restore_params(directory: str, meta: dict, abstract_params: Any, steps: Sequ
     """
     ckpt = Checkpointer(directory, None, meta)
     steps = sorted(steps, reverse=True)
-    found = ckpt.restore_first_readable(steps, {"params": abstract_params}, partial=True, when_none_left=when_none_left)
+    try:
+        found = ckpt.restore_first_readable(steps, {"params": abstract_params}, partial=True,
+                                            when_none_left=when_none_left)
+    finally:
+        ckpt.close()
     if found is None:
         tried = ", ".join(str(s) for s in steps)
         raise NoReadableCheckpointError(

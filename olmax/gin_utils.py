@@ -123,6 +123,8 @@ def describe_gin_error(e: Exception, gin_files: Sequence[str], gin_bindings: Seq
             return f"Gin configuration error in {path}, line {line}: {what} (gin reads to the end of the file looking for it)."
     if "In file" in msg or "In bindings string" in msg:
         return f"Gin configuration error: {msg}"
+    if isinstance(e, SyntaxError) and e.filename and e.lineno:
+        return f"Gin configuration error in {e.filename}, line {e.lineno}: {e.msg} (at {(e.text or '').strip()!r})"
     location = getattr(e, "location", None)
     if location is not None and getattr(location, "filename", None):
         return f"Gin configuration error in {location.filename}, line {location.lineno}: {msg}"
@@ -187,7 +189,17 @@ def run(main, argv: Sequence[str] | None = None) -> None:
 
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
+    sys.unraisablehook = functools.partial(_quiet_closed_loop, sys.unraisablehook)
     app.run(functools.partial(_report_errors, main), argv=argv)
+
+
+def _quiet_closed_loop(default_hook, unraisable) -> None:
+    """Drops `RuntimeError: Event loop is closed`: tensorstore's I/O threads report it as an
+    unraisable exception when orbax's event loop has already stopped after a failed read or
+    write (a damaged checkpoint). The failure itself is reported; this is only its echo."""
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    default_hook(unraisable)
 
 
 # Errors Olmax raises on purpose for bad input or a bad file; their message is the whole story.

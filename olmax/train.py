@@ -266,6 +266,7 @@ def train(
     validation.check_train_args(total_steps=total_steps, eval_steps=eval_steps, eval_period=eval_period,
                                 stats_period=stats_period, microbatches=microbatches, random_seed=random_seed,
                                 max_consecutive_nonfinite=max_consecutive_nonfinite)
+    optimizer(axes=None)  # checks its settings (learning rate, TRAIN_STEPS, ...) before MODEL_DIR is touched
     partitioner = partitioner or partitioning.PjitPartitioner()
     cfg = model.config
     partitioner.check_batch_size(train_dataset_cfg.batch_size)
