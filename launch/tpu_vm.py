@@ -7,9 +7,11 @@ r"""Train on a Cloud TPU VM pod slice: the same command on every worker, through
 
 Steps, each one gcloud command (`--dry_run` prints them all and runs nothing):
   1. reuse the TPU VM if `describe` finds it, else `create` it (--spot for spot capacity);
-  2. install Olmax on every worker (--worker=all): this checkout's files (tracked and
-     untracked, not ignored) copied with `scp`, or `git clone` of --git_url at --git_ref;
-     then `pip install -e ".[tpu]"`;
+  2. install Olmax on every worker (--worker=all) into a fresh directory
+     ~/olmax-<UTC time>, never deleting an earlier one (a run may have written there):
+     this checkout's files (tracked and untracked, not ignored) copied with `scp`, or
+     `git clone` of --git_url at --git_ref; then `pip install -e ".[tpu]"` and point the
+     link ~/olmax-current at it;
   3. run `python3 -m olmax.train <args after -->` on every worker at once and stream
      their output here. Each worker is one JAX process; olmax.multihost finds the
      others by itself on a TPU VM (no coordinator flags). With --detach the run goes
@@ -17,20 +19,26 @@ Steps, each one gcloud command (`--dry_run` prints them all and runs nothing):
      following, not the training).
 MODEL_DIR must be a bucket (gs://...) that every worker can write: checkpoints are
 written cooperatively by all workers, TensorBoard events and config.gin by worker 0.
+The launcher refuses a relative or local MODEL_DIR (each worker would write its own
+disk, inside a directory a later launch does not use); `--allow_local_model_dir`
+accepts an absolute path on a file system every worker mounts (NFS, Filestore).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import re
 import shlex
 import subprocess
 import sys
+import time
 from typing import Sequence
 
 from launch import shell_join, split_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REMOTE_DIR = "~/olmax"
+REMOTE_DIR = "~/olmax-current"  # a link to the latest install; earlier ones are kept
 LOG = "~/olmax-run.log"
 ARCHIVE = "/tmp/olmax-src.tar.gz"
 
@@ -67,23 +75,75 @@ def plan(args: argparse.Namespace, binary_args: Sequence[str]) -> dict[str, list
         "install": [],
         "run": [_ssh_all(args, train_command(args, binary_args))],
     }
-    pip = f'cd {REMOTE_DIR} && python3 -m pip install -q -e ".[tpu]"'
+    fresh = f"~/olmax-{args.release}"
+    # `mkdir` without -p fails if the directory exists: nothing is ever unpacked over (or deleted from) a
+    # directory an earlier launch made; `ln -sfn` only moves the link.
+    pip = f'cd {fresh} && python3 -m pip install -q -e ".[tpu]" && ln -sfn {fresh} {REMOTE_DIR}'
     if args.skip_install:
         pass
     elif args.git_url:
-        clone = (f"(test -d {REMOTE_DIR} || git clone {shlex.quote(args.git_url)} {REMOTE_DIR}) && cd {REMOTE_DIR} && "
-                 f"git fetch -q origin && git checkout -q {shlex.quote(args.git_ref)} && ")
+        clone = (f"git clone {shlex.quote(args.git_url)} {fresh} && cd {fresh} && "
+                 f"git checkout -q {shlex.quote(args.git_ref)} && ")
         stages["install"].append(_ssh_all(args, clone + pip))
     else:
         stages["install"] += [
             ["tar", "czf", ARCHIVE, "-C", REPO, "--files-from=-"],  # stdin: git ls-files -co --exclude-standard
             _gcloud("scp", ARCHIVE, args, f"{args.tpu}:{os.path.basename(ARCHIVE)}", "--worker=all"),
-            _ssh_all(args, f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && "
-                           f"tar xzf ~/{os.path.basename(ARCHIVE)} -C {REMOTE_DIR} && " + pip),
+            _ssh_all(args, f"mkdir {fresh} && tar xzf ~/{os.path.basename(ARCHIVE)} -C {fresh} && " + pip),
         ]
     if args.detach:
         stages["run"].append(_ssh_all(args, f"sleep 5; tail -n +1 -f {LOG}", worker="0"))
     return stages
+
+
+_DIR_MACROS = ("MODEL_DIR", "CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "INFER_OUTPUT_DIR")
+_BINDING = re.compile(r"^\s*(%s)\s*=\s*(.+?)\s*$" % "|".join(_DIR_MACROS), re.M)
+
+
+def _unquote(value: str) -> str:
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+    return parsed if isinstance(parsed, str) else value
+
+
+def directory_settings(binary_args: Sequence[str]) -> dict[str, str]:
+    """The run's directories (MODEL_DIR, CHECKPOINT_PATH, ...): from `--gin.KEY=VALUE` and
+    `--gin_bindings`, else from a `KEY = ...` line of a local --gin_file (later wins)."""
+    found: dict[str, str] = {}
+    for arg in binary_args:
+        if arg.startswith("--gin_file="):
+            path = arg.split("=", 1)[1]
+            path = next((p for p in (path, os.path.join(REPO, path)) if os.path.isfile(p)), None)
+            if path:
+                for key, value in _BINDING.findall(open(path).read()):
+                    found[key] = _unquote(value.split("#")[0].strip())
+    for arg in binary_args:
+        m = re.match(r"^--gin\.(%s)=(.*)$" % "|".join(_DIR_MACROS), arg, re.S)
+        m = m or re.match(r"^--gin_bindings=\s*(%s)\s*=\s*(.*)$" % "|".join(_DIR_MACROS), arg, re.S)
+        if m:
+            found[m.group(1)] = _unquote(m.group(2).strip())
+    return {k: v for k, v in found.items() if v not in ("None", "%gin.REQUIRED")}
+
+
+def check_directories(module: str, binary_args: Sequence[str], allow_local: bool) -> None:
+    """Refuses directories the workers cannot share; raises ValueError with the fix."""
+    dirs = directory_settings(binary_args)
+    needed = ("MODEL_DIR",) if module == "olmax.train" else ("MODEL_DIR", "CHECKPOINT_PATH")
+    if not any(k in dirs for k in needed):
+        raise ValueError(f"{' or '.join(needed)} is not set; a pod launch needs a bucket every worker can reach, "
+                         "e.g. --gin.MODEL_DIR=gs://my-bucket/run1 after `--`.")
+    for key, value in dirs.items():
+        if "://" in value:
+            continue
+        if not os.path.isabs(os.path.expanduser(value)):
+            raise ValueError(f"{key}={value!r} is a relative path: on a pod it would be a different directory on "
+                             f"each worker's disk. Use a bucket, e.g. --gin.{key}=gs://my-bucket/run1.")
+        if not allow_local:
+            raise ValueError(f"{key}={value!r} is a local path: each worker would write its own disk. Use a bucket "
+                             f"(--gin.{key}=gs://my-bucket/run1), or --allow_local_model_dir if every worker "
+                             "mounts that path from a shared file system.")
 
 
 def describe(stages: dict[str, list[list[str]]]) -> str:
@@ -136,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spot", action="store_true", help="create a spot TPU VM (preemptible; training resumes)")
     parser.add_argument("--git_url", default=None, help="clone this repository instead of copying the checkout")
     parser.add_argument("--git_ref", default="main")
-    parser.add_argument("--skip_install", action="store_true", help="the workers already have Olmax in ~/olmax")
+    parser.add_argument("--skip_install", action="store_true", help=f"the workers already have Olmax in {REMOTE_DIR}")
+    parser.add_argument("--allow_local_model_dir", action="store_true",
+                        help="accept an absolute MODEL_DIR that every worker mounts from a shared file system")
     parser.add_argument("--module", default="olmax.train", help="olmax.train, olmax.eval or olmax.infer")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE exported on every worker (repeatable)")
     parser.add_argument("--detach", action="store_true", help="run under nohup and follow worker 0's log")
@@ -144,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(own)
     if not binary_args:
         parser.error("give the binary's arguments after `--`, e.g. -- --gin_file=gin/models/small.gin ...")
+    try:
+        check_directories(args.module, binary_args, args.allow_local_model_dir)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    args.release = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     stages = plan(args, binary_args)
     if args.dry_run:
         print(describe(stages))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -183,19 +183,32 @@ class Checkpointer:
 
         A config mismatch is not skipped: it means the wrong model, not a bad file.
         """
-        for step in reversed(self.all_steps()):
-            if max_step is not None and step > max_step:
-                continue
+        steps = [s for s in reversed(self.all_steps()) if max_step is None or s <= max_step]
+        found = self.restore_first_readable(steps, abstract_state)
+        return None if found is None else found[1:]
+
+    def restore_first_readable(self, steps: Sequence[int], abstract_state: Any, partial: bool = False,
+                               when_none_left: str = "no earlier checkpoint is left") -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the first of `steps` that loads, or None when none does.
+
+        The one rule for every binary: a checkpoint that fails to load (truncated or
+        corrupt files) is named in a warning, set aside when this checkpointer may write
+        (training), left in place otherwise (eval, infer), and the next step is tried.
+        A config mismatch is raised: it means the wrong model, not a bad file.
+        """
+        for i, step in enumerate(steps):
             try:
-                return self.restore(step, abstract_state)
+                state, meta = self.restore(step, abstract_state, partial=partial)
+                return step, state, meta
             except CheckpointMismatchError:
                 raise
-            except Exception as e:  # noqa: BLE001  a truncated or corrupt checkpoint
+            except Exception as e:  # noqa: BLE001  tensorstore, JSON and orbax errors of a damaged checkpoint
                 moved = self._set_aside(step)
-                logging.warning(
-                    "Checkpoint %s/%d could not be loaded (%s: %s); moved it to %s and trying the previous one.",
-                    self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "", moved,
-                )
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else when_none_left
+                where = "" if moved == "(left in place)" else f"moved it to {moved}; "
+                logging.warning("Checkpoint %s/%d is unreadable (could not be loaded: %s); %s%s.",
+                                self.directory, step, reason[:300], where, nxt)
         return None
 
     def _set_aside(self, step: int) -> str:
@@ -212,6 +225,34 @@ class Checkpointer:
         os.rename(src, dst)
         self.manager.reload()
         return dst
+
+
+class NoReadableCheckpointError(FileNotFoundError):
+    pass
+
+
+def restore_params(directory: str, meta: dict, abstract_params: Any, steps: Sequence[int],
+                   when_none_left: str = "no earlier checkpoint is left") -> tuple[int, Any]:
+    """(step, params) of the newest readable checkpoint among `steps`, read-only (eval, infer).
+
+    Unreadable ones are skipped with a warning (see `restore_first_readable`); when
+    none is left, NoReadableCheckpointError names the directory and the steps tried.
+    """
+    ckpt = Checkpointer(directory, None, meta)
+    steps = sorted(steps, reverse=True)
+    try:
+        found = ckpt.restore_first_readable(steps, {"params": abstract_params}, partial=True,
+                                            when_none_left=when_none_left)
+    finally:
+        ckpt.close()
+    if found is None:
+        tried = ", ".join(str(s) for s in steps)
+        raise NoReadableCheckpointError(
+            f"No readable checkpoint left in {ckpt.directory}: step{'s' if len(steps) > 1 else ''} {tried} could not be loaded (see the warnings "
+            "above). Point CHECKPOINT_PATH at a MODEL_DIR with an intact checkpoint."
+        )
+    step, state, _ = found
+    return step, state["params"]
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -25,7 +25,7 @@ import seqio
 from absl import logging
 from clu import metric_writers
 
-from olmax import gin_utils, models, multihost, partitioning, trainer, utils
+from olmax import checkpoints, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
 
 def _seqio_evaluate(model: models.DecoderOnlyLM, params, cfg: utils.DatasetConfig, step: int, output_dir: str,
@@ -85,17 +85,27 @@ def evaluate(
     partitioner = partitioner or partitioning.PjitPartitioner()
     trainer.check_batch(dataset_cfg.batch_size, partitioner)
     utils.check_lengths(dataset_cfg, model.config.max_length)
-    directory, steps = trainer.checkpoint_steps(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir),
-                                                restore_checkpoint_cfg)
+    validation.integer(eval_steps, "eval.evaluate.eval_steps", minimum=1, example=20, allow_none=True)
+    directory, groups = trainer.checkpoint_candidates(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir),
+                                                      restore_checkpoint_cfg)
     output_dir = output_dir or os.path.join(directory, "eval")
     setup = trainer.TrainSetup(model, partitioner, (dataset_cfg.batch_size, dataset_cfg.task_feature_lengths["targets"]))
     compiled = trainer.make_steps(setup)
     is_main = multihost.is_main_process()
-    os.makedirs(output_dir, exist_ok=True)
-    writer = metric_writers.create_default_writer(output_dir, just_logging=not is_main, collection="eval")
+    every = restore_checkpoint_cfg.mode == "all"
+    writer = None  # created with the first readable checkpoint: nothing is left behind when none is
     results = []
-    for step in steps:
-        params = trainer.load_params(setup, directory, step)
+    for candidates in groups:
+        try:
+            step, params = trainer.load_params(setup, directory, candidates,
+                                               "skipping it" if every else "no earlier checkpoint is left")
+        except checkpoints.NoReadableCheckpointError:
+            if every:
+                continue
+            raise
+        if writer is None:
+            os.makedirs(output_dir, exist_ok=True)
+            writer = metric_writers.create_default_writer(output_dir, just_logging=not is_main, collection="eval")
         metrics = trainer.evaluate(params, dataset_cfg, partitioner, eval_steps, compiled.eval)
         if run_seqio_evaluator:
             metrics.update(_seqio_evaluate(model, params, dataset_cfg, step, output_dir, compiled.score))
@@ -108,6 +118,9 @@ def evaluate(
                 f.write(json.dumps(record) + "\n")
         logging.info("eval %s: %s", record["checkpoint"], trainer.fmt_metrics(metrics))
         print(json.dumps(record), flush=True)
+    if writer is None:
+        raise checkpoints.NoReadableCheckpointError(
+            f"None of the checkpoints in {directory} is readable (see the warnings above); nothing was evaluated.")
     writer.flush()
     return results
 

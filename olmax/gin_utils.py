@@ -11,11 +11,13 @@ Gin errors (typos, unknown configurables) are re-raised naming the file and line
 from __future__ import annotations
 
 import ast
+import functools
 import logging
 import os
 import pathlib
 import re
 import sys
+import tokenize
 from typing import Any, Callable, Sequence
 
 import gin
@@ -90,24 +92,67 @@ def parse(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: S
         ]
     for f in gin_files:
         _check_exists(f, list(search_paths))
+    # File by file (as gin.parse_config_files_and_bindings does) to know which one failed.
+    for f in gin_files:
+        try:
+            gin.parse_config_file(f)
+        except Exception as e:  # gin raises several types; all are user config errors here
+            raise GinConfigError(describe_gin_error(e, [f], [], list(search_paths))) from e
     try:
-        gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
-    except Exception as e:  # gin raises several types; all are user config errors here
-        raise GinConfigError(describe_gin_error(e, gin_files, gin_bindings)) from e
+        gin.parse_config(gin_bindings)
+    except Exception as e:  # noqa: BLE001
+        raise GinConfigError(describe_gin_error(e, [], gin_bindings)) from e
 
 
 class GinConfigError(ValueError):
     pass
 
 
-def describe_gin_error(e: Exception, gin_files: Sequence[str], gin_bindings: Sequence[str]) -> str:
+def describe_gin_error(e: Exception, gin_files: Sequence[str], gin_bindings: Sequence[str],
+                       search_paths: Sequence[str] = ()) -> str:
     msg = str(e)
+    if isinstance(e, tokenize.TokenError) and len(gin_files) == 1:
+        found = _unclosed_in(gin_files[0], list(search_paths) + default_search_paths())
+        if found:
+            path, line, what = found
+            return f"Gin configuration error in {path}, line {line}: {what} (gin reads to the end of the file looking for it)."
     if "In file" in msg or "In bindings string" in msg:
         return f"Gin configuration error: {msg}"
+    if isinstance(e, SyntaxError) and e.filename and e.lineno:
+        return f"Gin configuration error in {e.filename}, line {e.lineno}: {e.msg} (at {(e.text or '').strip()!r})"
     location = getattr(e, "location", None)
     if location is not None and getattr(location, "filename", None):
         return f"Gin configuration error in {location.filename}, line {location.lineno}: {msg}"
     return f"Gin configuration error (files: {list(gin_files)}, bindings: {list(gin_bindings)}): {msg}"
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.M)
+
+
+def _unclosed_in(path: str, search_paths: list[str], depth: int = 0) -> tuple[str, int, str] | None:
+    """(file, line, what) of a bracket or string left open in `path` or a file it includes."""
+    resolved = next((p for p in [path] + [os.path.join(b, path) for b in search_paths] if os.path.isfile(p)), None)
+    if resolved is None or depth > 20:
+        return None
+    text = open(resolved, encoding="utf-8", errors="replace").read()
+    for include in _INCLUDE.findall(text):
+        found = _unclosed_in(include, search_paths, depth + 1)
+        if found:
+            return found
+    opened = []
+    try:
+        for tok in tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__):
+            if tok.type == tokenize.OP and tok.string in "([{":
+                opened.append(tok)
+            elif tok.type == tokenize.OP and tok.string in ")]}" and opened:
+                opened.pop()
+    except tokenize.TokenError as e:
+        if opened:
+            return resolved, opened[-1].start[0], f"{opened[-1].string!r} is never closed"
+        return resolved, e.args[1][0], "a multi-line string is never closed"
+    except (SyntaxError, StopIteration):
+        return None
+    return None
 
 
 def _check_exists(path: str, search_paths: list[str]) -> None:
@@ -140,7 +185,8 @@ class _LibraryNoise(logging.Filter):
 
 
 def run(main, argv: Sequence[str] | None = None) -> None:
-    """absl.app.run with --gin.KEY=VALUE support, TensorFlow kept off the GPUs (and quiet)."""
+    """absl.app.run with --gin.KEY=VALUE support, TensorFlow kept off the GPUs (and quiet); Olmax's own
+    errors end in one message, not a traceback."""
     from absl import app
 
     from olmax import tf_quiet
@@ -149,7 +195,54 @@ def run(main, argv: Sequence[str] | None = None) -> None:
 
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
-    app.run(main, argv=argv)
+    sys.unraisablehook = functools.partial(_quiet_closed_loop, sys.unraisablehook)
+    app.run(functools.partial(_report_errors, main), argv=argv)
+
+
+def _quiet_closed_loop(default_hook, unraisable) -> None:
+    """Drops `RuntimeError: Event loop is closed`: tensorstore's I/O threads report it as an
+    unraisable exception when orbax's event loop has already stopped after a failed read or
+    write (a damaged checkpoint). The failure itself is reported; this is only its echo."""
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    default_hook(unraisable)
+
+
+# Errors Olmax raises on purpose for bad input or a bad file; their message is the whole story.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _report_errors(main, argv):
+    """Runs main(argv). An error raised by Olmax's own code (a message written for the
+    user) prints as `<binary>: error: <message>` with exit status 1; anything raised
+    inside a library keeps its traceback, as does everything with OLMAX_TRACEBACK=1."""
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("OLMAX_TRACEBACK") or not raised_by_olmax(e):
+            raise
+        print(f"{main.__module__}: error: {user_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def raised_by_olmax(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    filename = os.path.realpath(tb.tb_frame.f_code.co_filename)
+    return filename.startswith(_own_code_dirs())
+
+
+def _own_code_dirs() -> tuple[str, ...]:
+    return (os.path.dirname(os.path.realpath(__file__)) + os.sep,)  # olmax/, olmax/tasks/ included
+
+
+def user_message(e: BaseException) -> str:
+    """The exception's message without the `In call to configurable ...` lines Gin appends."""
+    lines = [line for line in str(e).splitlines() if not line.strip().startswith("In call to configurable")]
+    return "\n".join(lines).strip() or type(e).__name__
 
 
 def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | None = None) -> None:

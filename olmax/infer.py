@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from olmax import decoding, gin_utils, models, multihost, partitioning, trainer, utils
+from olmax import decoding, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
 
 def _define_flags() -> None:
@@ -71,6 +71,8 @@ def infer(
 ) -> str | list[str]:
     """Runs `mode` over the dataset (returns the jsonl path) or continues `prompt`
     (returns the `num_samples` continuations, also printed)."""
+    validation.check_infer_args(num_samples=num_samples, max_examples=max_examples, prompt_length=prompt_length,
+                                max_decode_length=max_decode_length, temperature=temperature, top_k=top_k, top_p=top_p)
     if mode not in ("predict", "score"):
         raise ValueError(f"INFER_MODE={mode!r} is not 'predict' or 'score'.")
     if model.vocabulary is None:
@@ -78,9 +80,10 @@ def infer(
     partitioner = partitioner or partitioning.PjitPartitioner()
     single = dataclasses.replace(restore_checkpoint_cfg, mode="latest" if restore_checkpoint_cfg.mode == "all"
                                  else restore_checkpoint_cfg.mode)  # infer reads one checkpoint
-    directory, (step,) = trainer.checkpoint_steps(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir), single)
+    directory, (candidates,) = trainer.checkpoint_candidates(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir),
+                                                             single)
     setup = trainer.TrainSetup(model, partitioner, (1, model.config.max_length))
-    params = trainer.load_params(setup, directory, step)
+    step, params = trainer.load_params(setup, directory, candidates)
     vocab = model.vocabulary
     rng = jax.random.PRNGKey(random_seed)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, eos_id=1)

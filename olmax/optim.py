@@ -30,6 +30,8 @@ import optax
 from absl import logging
 from jax.sharding import PartitionSpec
 
+from olmax import validation
+
 Names = tuple[Any, ...]  # one logical name (or None) per array dimension
 _BATCH_AXES = ("layers", "expert")  # each layer / expert has its own units
 _UNIT_AXIS = "vocab"
@@ -247,9 +249,10 @@ def make_schedule(
         w = default_warmup(t_total)
     elif w >= t_total > 0:
         w = default_warmup(t_total)
-        logging.warning(
-            "warmup_steps=%d is not shorter than the run (total_steps=%d): warming up over %d steps instead "
-            "(10%% of the run). Set optim.create_optimizer.warmup_steps to choose.", warmup_steps, t_total, w)
+        logging.log_first_n(  # once: the trainer builds the optimizer more than once
+            logging.WARNING, "warmup_steps=%d is not shorter than the run (total_steps=%d): warming up over %d "
+            "steps instead (10%% of the run). Set optim.create_optimizer.warmup_steps to choose.", 1,
+            warmup_steps, t_total, w)
     if name == "cosine":
         after = optax.cosine_decay_schedule(lr, decay_steps=max(1, t_total - w), alpha=end_value_ratio)
     elif name == "linear":
@@ -279,6 +282,16 @@ class Optimizer(NamedTuple):
     update: Callable
     learning_rate: optax.Schedule
     agc: tuple[float, float] | None
+
+
+def _check_args(learning_rate, warmup_steps, total_steps, weight_decay, clipping) -> None:
+    """The numbers users set on the command line, checked before the schedule uses them."""
+    name = "optim.create_optimizer."
+    validation.number(learning_rate, name + "learning_rate", minimum=0, positive=True)
+    validation.integer(warmup_steps, name + "warmup_steps", minimum=0, example=100, allow_none=True)
+    validation.integer(total_steps, name + "total_steps", minimum=1, example=1000, macro="TRAIN_STEPS")
+    validation.number(weight_decay, name + "weight_decay", minimum=0, example="0.1")
+    validation.number(clipping, name + "clipping", minimum=0, example="0.01", allow_none=True)
 
 
 @gin.configurable
@@ -313,6 +326,7 @@ def create_optimizer(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f'unknown optimizer {optimizer!r}; valid names: {", ".join(OPTIMIZERS)}.')
+    _check_args(learning_rate, warmup_steps, total_steps, weight_decay, clipping)
     chain = []
     if clipping:
         agc = adaptive_grad_clip(clipping, agc_eps, axes=axes)

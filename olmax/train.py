@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from olmax import checkpoints, gin_utils, models, multihost, optim, partitioning, perf, trainer, utils
+from olmax import checkpoints, gin_utils, models, multihost, optim, partitioning, perf, trainer, utils, validation
 
 
 class _Log:
@@ -171,17 +171,23 @@ def train(
     inference metrics.
     """
     del infer_eval_dataset_cfg
+    validation.check_train_args(total_steps=total_steps, eval_steps=eval_steps, eval_period=eval_period,
+                                stats_period=stats_period, microbatches=microbatches, random_seed=random_seed,
+                                max_consecutive_nonfinite=max_consecutive_nonfinite)
+    optimizer(axes=None)  # checks its settings (learning rate, TRAIN_STEPS, ...) before MODEL_DIR is touched
     partitioner = partitioner or partitioning.PjitPartitioner()
     trainer.check_batch(train_dataset_cfg.batch_size, partitioner, microbatches)
     utils.check_lengths(train_dataset_cfg, model.config.max_length)
     length = train_dataset_cfg.task_feature_lengths["targets"]
-    if "://" not in model_dir:
-        os.makedirs(model_dir, exist_ok=True)
+    validation.prepare_model_dir(model_dir)
     setup = trainer.TrainSetup(model, partitioner, (train_dataset_cfg.batch_size, length), optimizer, random_seed)
     logging.info("Model: %d parameters; mesh %s", models.param_count(setup.param_shapes), dict(partitioner.mesh.shape))
     ckpt = setup.checkpointer(model_dir, checkpoint_cfg.save if checkpoint_cfg else None)
     state = trainer.restore_or_init(setup, ckpt, checkpoint_cfg.restore if checkpoint_cfg else None)
     start = int(jax.device_get(state["step"]))
+    if start >= total_steps:
+        logging.warning("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to train. "
+                        "Raise TRAIN_STEPS to continue this run.", model_dir, start, total_steps)
     if multihost.is_main_process():
         _record_config(model_dir, start)
     if train_eval_dataset_cfg is not None and eval_period:

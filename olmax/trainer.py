@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +272,11 @@ def checkpoint_path(cfg: utils.RestoreCheckpointConfig, model_dir: str | None) -
     return path
 
 
+def step_dirs(path: str) -> list[int]:
+    """The steps of the complete checkpoints (numbered directories with a state) in `path`, sorted."""
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
+
+
 def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[int]]:
     """(directory of checkpoints, the steps to read) for CHECKPOINT_PATH and `cfg.mode`."""
     path = os.path.normpath(os.fspath(path))
@@ -280,7 +285,7 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
         return os.path.dirname(path), [int(base)]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist; point it at a MODEL_DIR or a MODEL_DIR/<step>.")
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
+    steps = step_dirs(path)
     if not steps:
         raise FileNotFoundError(f"No checkpoints (numbered step directories) in CHECKPOINT_PATH={path!r}.")
     if cfg.mode == "all":
@@ -292,12 +297,22 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
     return path, [steps[-1]]
 
 
-def load_params(setup: TrainSetup, directory: str, step: int) -> Any:
-    """Restores only the parameters of the checkpoint at `step`, into their shardings."""
-    ckpt = checkpoints.Checkpointer(directory, None, run_meta(setup.model, setup.param_shapes))
-    abstract = {"params": checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)}
-    state, _ = ckpt.restore(step, abstract, partial=True)
-    return state["params"]
+def checkpoint_candidates(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[list[int]]]:
+    """(directory, one list per checkpoint to use: its step, then the earlier steps to fall
+    back on, newest first, should it be unreadable). Mode 'all' uses each one on its own."""
+    directory, steps = checkpoint_steps(path, cfg)
+    if cfg.mode == "all":
+        return directory, [[s] for s in steps]
+    return directory, [[s for s in reversed(step_dirs(directory)) if s <= steps[0]]]
+
+
+def load_params(setup: TrainSetup, directory: str, steps: Sequence[int],
+                when_none_left: str = "no earlier checkpoint is left") -> tuple[int, Any]:
+    """(step, params) of the first readable checkpoint among `steps`, parameters only, into
+    their shardings; unreadable ones are named and skipped (checkpoints.restore_params)."""
+    abstract = checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)
+    return checkpoints.restore_params(directory, run_meta(setup.model, setup.param_shapes), abstract, steps,
+                                      when_none_left)
 
 
 class Preemption:

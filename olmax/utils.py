@@ -16,7 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from olmax import tasks
+from olmax import tasks, validation
 
 
 @gin.configurable
@@ -34,6 +34,10 @@ class DatasetConfig:
     pack: bool = True
     module: str | Sequence[str] | None = None  # MIXTURE_OR_TASK_MODULE
 
+    def __post_init__(self):
+        validation.integer(self.batch_size, "utils.DatasetConfig.batch_size", minimum=1, macro="BATCH_SIZE")
+        validation.feature_lengths(self.task_feature_lengths)
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,10 @@ class SaveCheckpointConfig:
     period: int = 1000  # save every `period` steps (and at the end)
     keep: int | None = 3  # keep the last `keep` checkpoints (None: all)
     async_save: bool = True
+
+    def __post_init__(self):
+        validation.integer(self.period, "utils.SaveCheckpointConfig.period", minimum=1, example=1000)
+        validation.integer(self.keep, "utils.SaveCheckpointConfig.keep", minimum=1, example=3, allow_none=True)
 
 
 RESTORE_MODES = ("latest", "specific", "all")
@@ -61,6 +69,7 @@ class RestoreCheckpointConfig:
     mode: str = "latest"
 
     def __post_init__(self):
+        validation.integer(self.step, "utils.RestoreCheckpointConfig.step", minimum=0, example=1000, allow_none=True)
         if self.mode not in RESTORE_MODES:
             raise ValueError(f"RestoreCheckpointConfig.mode={self.mode!r} is not one of {RESTORE_MODES}; "
                              "e.g. --gin.utils.RestoreCheckpointConfig.mode=\"'all'\".")

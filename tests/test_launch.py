@@ -93,7 +93,7 @@ def test_tpu_vm_git_and_detach(capsys):
     lines = _lines(capsys, tpu_vm.main, ["--tpu", "t", "--zone", "z", "--git_url", "https://example.com/olmax.git",
                                          "--git_ref", "v1", "--detach", "--env", "TFDS_DATA_DIR=gs://b/tfds",
                                          "--dry_run", "--", *GIN])
-    assert "git clone https://example.com/olmax.git" in lines[2] and "checkout -q v1" in lines[2]
+    assert "git clone https://example.com/olmax.git ~/olmax-" in lines[2] and "checkout -q v1" in lines[2]
     command, argv = _remote_argv(lines[3])
     assert "nohup" in argv and "export TFDS_DATA_DIR=gs://b/tfds;" in command and "--worker=all" in lines[3]
     assert "--worker=0" in lines[4] and "tail" in lines[4]
@@ -121,3 +121,53 @@ def test_xm_errors(capsys):
     with pytest.raises(SystemExit):
         xm_launch.main(["--dry_run", "--", *GIN[:1]])
     assert "--model_dir" in capsys.readouterr().err
+
+
+def test_tpu_vm_installs_into_a_fresh_directory_and_never_deletes(capsys):
+    """Issue 13.7: a relaunch must not delete what a run may have written on the workers."""
+    lines = _lines(capsys, tpu_vm.main, ["--tpu", "t", "--zone", "z", "--dry_run", "--", *GIN])
+    text = "\n".join(lines)
+    assert "rm " not in text and "rm -" not in text
+    install, _ = _remote_argv(lines[4])
+    fresh = install.split("&&")[0].split()
+    assert fresh[0] == "mkdir" and len(fresh) == 2 and fresh[1].startswith("~/olmax-2")  # no -p: never reused
+    assert f"ln -sfn {fresh[1]} ~/olmax-current" in install
+    command, _ = _remote_argv(lines[5])
+    assert command.startswith("cd ~/olmax-current && ")
+    lines = _lines(capsys, tpu_vm.main, ["--tpu", "t", "--zone", "z", "--git_url", "u", "--dry_run", "--", *GIN])
+    clone, _ = _remote_argv(lines[2])
+    assert "rm " not in clone and clone.startswith("git clone u ~/olmax-2")
+
+
+@pytest.mark.parametrize("model_dir, needle", [
+    ("--gin.MODEL_DIR=runs/x", "MODEL_DIR='runs/x' is a relative path"),
+    ("--gin.MODEL_DIR='/data/x'", "MODEL_DIR='/data/x' is a local path"),
+    ("--gin_bindings=MODEL_DIR = 'runs/y'", "MODEL_DIR='runs/y' is a relative path"),
+    ("--gin.TRAIN_STEPS=5", "MODEL_DIR is not set"),
+])
+def test_tpu_vm_refuses_a_model_dir_the_workers_cannot_share(capsys, model_dir, needle):
+    assert tpu_vm.main(["--tpu", "t", "--zone", "z", "--dry_run", "--", "--gin_file=gin/models/small.gin", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "gs://" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tpu_vm_model_dir_from_a_gin_file_and_the_escape_hatch(capsys, tmp_path):
+    # gin/quickstart.gin sets MODEL_DIR = 'runs/quickstart': relative, refused.
+    assert tpu_vm.main(["--tpu", "t", "--zone", "z", "--dry_run", "--", "--gin_file=gin/quickstart.gin"]) == 2
+    assert "MODEL_DIR='runs/quickstart' is a relative path" in capsys.readouterr().err
+    shared = ["--tpu", "t", "--zone", "z", "--dry_run", "--allow_local_model_dir", "--"]
+    assert tpu_vm.main([*shared, "--gin_file=gin/quickstart.gin", "--gin.MODEL_DIR=/mnt/nfs/run"]) == 0
+    assert tpu_vm.main([*shared, "--gin_file=gin/quickstart.gin", "--gin.MODEL_DIR=runs/x"]) == 2  # never relative
+    ok = ["--tpu", "t", "--zone", "z", "--module", "olmax.eval", "--dry_run", "--", "--gin_file=gin/models/small.gin",
+          "--gin.CHECKPOINT_PATH=gs://b/run/100"]
+    assert tpu_vm.main(ok) == 0
+
+
+def test_tpu_vm_refusal_from_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "launch.tpu_vm", "--tpu", "t", "--zone", "z", "--dry_run", "--",
+                           "--gin_file=gin/quickstart.gin", "--gin.MODEL_DIR=runs/mine"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (
+        "python -m launch.tpu_vm: error: MODEL_DIR='runs/mine' is a relative path: on a pod it would be a different "
+        "directory on each worker's disk. Use a bucket, e.g. --gin.MODEL_DIR=gs://my-bucket/run1.")

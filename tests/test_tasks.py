@@ -444,3 +444,27 @@ def test_train_spm_function_cli_and_text_files_task(tmp_path, spm_cli_run):
     assert "vocab_size=384" in out and cli_model.exists()
     cli_vocab = olmax_tasks.spm_vocabulary(cli_model)
     assert cli_vocab.decode(cli_vocab.encode(text)) == text
+
+
+@pytest.mark.parametrize("mode", ["file", "line"])
+def test_files_that_are_not_utf8_text_are_skipped_with_a_warning(tmp_path, capfd, mode):
+    """Issue 13.3: binary, Latin-1 and UTF-16 files never reach training as U+FFFD noise;
+    each is named on stderr. Valid UTF-8 (a real U+FFFD included) is kept as it is."""
+    from olmax_tasks import sources
+
+    (tmp_path / "good.txt").write_text("Good café text.\r\nline two\n", encoding="utf-8")
+    (tmp_path / "fffd.txt").write_text("a real \ufffd character\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("Café in Latin-1\n".encode("latin-1"))
+    (tmp_path / "utf16.txt").write_bytes("hello in UTF-16\n".encode("utf-16"))
+    (tmp_path / "image.bin").write_bytes(bytes(range(256)) * 4)
+    files = sorted(str(p) for p in tmp_path.iterdir())
+    ds = sources.documents_dataset(sources.SplitFiles(files=files, document_mode=mode))
+    texts = _texts(ds)
+    if mode == "file":
+        assert sorted(texts) == ["Good café text.\nline two\n", "a real \ufffd character\n"]
+    else:
+        assert sorted(texts) == ["Good café text.", "a real \ufffd character", "line two"]
+    err = capfd.readouterr().err
+    for name in ("latin1.txt", "utf16.txt", "image.bin"):
+        assert f"WARNING: skipping {'file' if mode == 'file' else 'a line of'} {tmp_path / name}: not UTF-8 text" in err
+    assert "good.txt" not in err and "fffd.txt" not in err and "iconv" in err

@@ -14,8 +14,16 @@ Documents (`document_mode`):
   'paragraph'  one document per block of text separated by blank lines.
   'line'       one document per non-blank line (streamed; for huge files).
 
-Text is read as UTF-8 (invalid bytes become U+FFFD) with CRLF turned into LF;
-blank documents are dropped. Each example is `{'text': <document>}`.
+Text is read as UTF-8 with CRLF turned into LF; blank documents are dropped. Each
+example is `{'text': <document>}`.
+
+Files that are not UTF-8 text (a binary file, UTF-16, Latin-1 or another legacy
+encoding) are skipped, each with a warning on stderr naming the file and the fix,
+every time they are read; in 'line' mode each such line is skipped and named. Why
+skip rather than stop: the pipeline streams, so a stray file in a large glob may be
+reached hours into a run, and stopping there would stop every resume at the same
+point; why not decode anyway: U+FFFD replacement characters would silently become
+training data. A split left empty by skipping reports the usual empty-split error.
 
 Sharding: the source lists its files as shards, so with `shard_info` each host
 reads only files[index::num_shards] (seqio falls back to sharding examples when
@@ -30,6 +38,7 @@ falls below the fraction. Identical documents always land in the same split.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Optional, Sequence
 
 import seqio
@@ -64,10 +73,34 @@ def check_document_mode(mode: str) -> None:
 
 
 def _clean_text(text: tf.Tensor) -> tf.Tensor:
-    text = tf.strings.unicode_transcode(
-        text, input_encoding="UTF-8", output_encoding="UTF-8", errors="replace"
-    )
     return tf.strings.regex_replace(text, "\r\n", "\n")
+
+
+def is_utf8_text(raw: tf.Tensor) -> tf.Tensor:
+    """True when the bytes are valid UTF-8 without NUL bytes (those mean binary or UTF-16)."""
+    decoded = tf.strings.unicode_transcode(
+        raw, input_encoding="UTF-8", output_encoding="UTF-8", errors="replace"
+    )
+    return tf.logical_and(
+        tf.equal(decoded, raw), tf.logical_not(tf.strings.regex_full_match(raw, "(?s).*\\x00.*"))
+    )
+
+
+def _keep_text(path: tf.Tensor, raw: tf.Tensor, what: str) -> tf.Tensor:
+    """is_utf8_text(raw), printing a warning that names `path` when it is not."""
+    ok = is_utf8_text(raw)
+
+    def warn():
+        tf.print(
+            tf.strings.join([
+                f"WARNING: skipping {what} ", path, ": not UTF-8 text (binary, UTF-16, Latin-1 or another "
+                "encoding). Convert it (e.g. iconv -f latin1 -t utf-8) or leave it out of the file patterns.",
+            ]),
+            output_stream=sys.stderr,
+        )
+        return ok
+
+    return tf.cond(ok, lambda: ok, warn)
 
 
 def _chunk_at_lines(text: tf.Tensor, max_bytes: int) -> tf.Tensor:
@@ -105,25 +138,29 @@ def documents_dataset(
 
     if spec.document_mode == "line":
         cycle = min(16, len(files)) if shuffle else 1
+        lines_of = lambda path: tf.data.TextLineDataset(path).map(lambda line: (path, line))
         if cycle > 1:
             ds = ds.interleave(
-                tf.data.TextLineDataset,
+                lines_of,
                 cycle_length=cycle,
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )
         else:
-            ds = ds.flat_map(tf.data.TextLineDataset)
+            ds = ds.flat_map(lines_of)
+        ds = ds.filter(lambda path, line: _keep_text(path, line, "a line of"))
         ds = ds.map(
-            lambda line: tf.strings.regex_replace(_clean_text(line), "\r$", ""),
+            lambda path, line: tf.strings.regex_replace(_clean_text(line), "\r$", ""),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
         ds = ds.map(
-            lambda path: _clean_text(tf.io.read_file(path)),
+            lambda path: (path, tf.io.read_file(path)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
+        ds = ds.filter(lambda path, raw: _keep_text(path, raw, "file"))
+        ds = ds.map(lambda path, raw: _clean_text(raw))
         if spec.document_mode == "paragraph":
             split_fn = _paragraphs
         elif spec.max_document_bytes:

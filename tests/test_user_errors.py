@@ -1,0 +1,260 @@
+"""Bad input and damaged files, as a user meets them (issue 13): each ends in one message
+naming the setting or the file and the fix, never a traceback, and nothing is silently skipped."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from olmax import gin_utils, optim, utils, validation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+TINY_MODEL = ["--gin_file=gin/quickstart.gin", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=2",
+              "--gin.network.OlmaxConfig.depth=2", "--gin.network.OlmaxConfig.features=32",
+              "--gin.network.OlmaxConfig.conv_features=32"]
+
+
+def run(module, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def last_line(proc) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def assert_one_line_error(proc, binary, message):
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last_line(proc) == f"{binary}: error: {message}"
+
+
+# ------------------------------------------------------------------ values, where they enter
+
+def test_integers_reject_strings_floats_and_bools_naming_the_setting():
+    with pytest.raises(ValueError, match=r"^BATCH_SIZE \(b\) = 'four' is not a whole number; set an integer >= 1, "
+                                         r"e.g. --gin.BATCH_SIZE=16.$"):
+        validation.integer("four", "b", minimum=1, macro="BATCH_SIZE")
+    with pytest.raises(ValueError, match=r"= 10.0 is not a whole number \(a float.*e.g. --gin.TRAIN_STEPS=10.$"):
+        validation.integer(1e1, "t", minimum=1, macro="TRAIN_STEPS")
+    with pytest.raises(ValueError, match="True is not a whole number"):
+        validation.integer(True, "t")
+    with pytest.raises(ValueError, match=r"-5 must be >= 1"):
+        validation.integer(-5, "t", minimum=1)
+    assert validation.integer(7, "t", minimum=1) == 7 and validation.integer(None, "t", allow_none=True) is None
+
+
+def test_numbers_reject_strings_and_non_finite_values():
+    lr = "optim.create_optimizer.learning_rate"
+    with pytest.raises(ValueError, match=r"= 'nan' is not a number; set a finite number > 0"):
+        optim.create_optimizer(learning_rate="nan")
+    with pytest.raises(ValueError, match=r"= nan is not finite"):
+        optim.create_optimizer(learning_rate=math.nan)
+    with pytest.raises(ValueError, match=rf"^{lr} = 0 is out of range; set a finite number > 0"):
+        optim.create_optimizer(learning_rate=0)
+    with pytest.raises(ValueError, match=r"TRAIN_STEPS \(optim.create_optimizer.total_steps\) = 10.0"):
+        optim.create_optimizer(total_steps=10.0)
+    with pytest.raises(ValueError, match=r"infer.infer.top_p = 1.5 is out of range; set a finite number > 0 and <= 1"):
+        validation.check_infer_args(num_samples=1, max_examples=None, prompt_length=8, max_decode_length=8,
+                                    temperature=1.0, top_k=0, top_p=1.5)
+    with pytest.raises(ValueError, match=r"^--num_samples=0: give at least 1"):
+        validation.check_infer_args(num_samples=0, max_examples=None, prompt_length=8, max_decode_length=8,
+                                    temperature=1.0, top_k=0, top_p=1.0)
+
+
+def test_configs_check_their_fields():
+    with pytest.raises(ValueError, match=r"BATCH_SIZE \(utils.DatasetConfig.batch_size\) = 'four'"):
+        utils.DatasetConfig("olmax_stdlib", {"targets": 8}, batch_size="four")
+    with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS.* = 256 is not a mapping of feature lengths"):
+        utils.DatasetConfig("olmax_stdlib", 256, batch_size=2)
+    with pytest.raises(ValueError, match=r"task_feature_lengths\['targets'\] = 0 must be >= 1"):
+        utils.DatasetConfig("olmax_stdlib", {"targets": 0}, batch_size=2)
+    with pytest.raises(ValueError, match=r"utils.SaveCheckpointConfig.period = 0 must be >= 1"):
+        utils.SaveCheckpointConfig(period=0)
+    with pytest.raises(ValueError, match=r"utils.RestoreCheckpointConfig.mode = 'newest' is not one of"):
+        utils.RestoreCheckpointConfig(mode="newest")
+
+
+def test_model_dir_that_is_a_file_or_cannot_be_written(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match=r"^MODEL_DIR = '.*/f' is a file, not a directory; choose another MODEL_DIR.$"):
+        validation.prepare_model_dir(str(tmp_path / "f"))
+    with pytest.raises(ValueError, match=r"cannot be written \(.*\); choose a directory you can write to.$"):
+        validation.prepare_model_dir(str(tmp_path / "f" / "sub"))  # under a file
+    assert validation.prepare_model_dir(str(tmp_path / "new" / "run")) == str(tmp_path / "new" / "run")
+    assert os.listdir(tmp_path / "new" / "run") == []  # the write probe is removed
+    assert validation.prepare_model_dir("gs://bucket/run") == "gs://bucket/run"  # left to the storage layer
+
+
+# ------------------------------------------------------------------ gin files
+
+def test_unclosed_bracket_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("include 'gin/quickstart.gin'\n\ntrain.train.eval_steps = (3\n")
+    outer = tmp_path / "outer.gin"
+    outer.write_text(f"include '{bad}'\n")
+    for given in (bad, outer):
+        with pytest.raises(gin_utils.GinConfigError) as e:
+            gin_utils.parse([str(given)], [])
+        assert str(e.value) == (f"Gin configuration error in {bad}, line 3: '(' is never closed "
+                                "(gin reads to the end of the file looking for it).")
+    bad.write_text("train.train.eval_steps = (3\nTRAIN_STEPS = 5\n")  # gin's own parser stops at line 2
+    with pytest.raises(gin_utils.GinConfigError) as e:
+        gin_utils.parse([str(bad)], [])
+    assert str(e.value) == f"Gin configuration error in {bad}, line 2: Expected ',' or ')'. (at 'TRAIN_STEPS = 5')"
+
+
+def test_only_olmax_own_errors_lose_their_traceback():
+    def ours():
+        raise ValueError("BATCH_SIZE is wrong\n  In call to configurable 'train' (<function train>)")
+
+    try:
+        ours()
+    except ValueError as e:
+        assert not gin_utils.raised_by_olmax(e)  # raised in this test file: not Olmax's code
+        assert gin_utils.user_message(e) == "BATCH_SIZE is wrong"
+    with pytest.raises(ValueError) as e:
+        validation.integer("x", "n")
+    assert gin_utils.raised_by_olmax(e.value)
+    with pytest.raises(ValueError) as e:
+        json.loads("{")  # a library's error keeps its traceback
+    assert not gin_utils.raised_by_olmax(e.value)
+
+
+# ------------------------------------------------------------------ the binaries
+
+TRAIN = ["--gin_file=gin/quickstart.gin", "--gin.TRAIN_STEPS=2", "--gin.optim.create_optimizer.warmup_steps=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, message", [
+    ("--gin.BATCH_SIZE=four", "BATCH_SIZE (utils.DatasetConfig.batch_size) = 'four' is not a whole number; "
+                              "set an integer >= 1, e.g. --gin.BATCH_SIZE=16."),
+    ("--gin.TRAIN_STEPS=1e1", "TRAIN_STEPS (train.train.total_steps) = 10.0 is not a whole number (a float: "
+                              "1e1-style numbers are floats in Gin); set an integer >= 1, e.g. --gin.TRAIN_STEPS=10."),
+    ("--gin.optim.create_optimizer.learning_rate=nan", "optim.create_optimizer.learning_rate = 'nan' is not a number; "
+     "set a finite number > 0, e.g. --gin.optim.create_optimizer.learning_rate=1e-3."),
+    ("--gin.TRAIN_STEPS=-5", "TRAIN_STEPS (train.train.total_steps) = -5 must be >= 1; e.g. --gin.TRAIN_STEPS=1000."),
+])
+def test_train_rejects_mistyped_numbers_in_one_line(tmp_path, flag, message):
+    proc = run("olmax.train", *TRAIN, f"--gin.MODEL_DIR={tmp_path / 'run'}",
+               "--gin.optim.create_optimizer.schedule=constant", flag)
+    assert_one_line_error(proc, "olmax.train", message)
+    assert not os.path.exists(tmp_path / "run")  # stopped before anything was written
+
+
+@pytest.mark.slow
+def test_train_model_dir_errors_name_the_path(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = run("olmax.train", *TRAIN, f"--gin.MODEL_DIR={tmp_path / 'file'}")
+    assert_one_line_error(proc, "olmax.train", f"MODEL_DIR = '{tmp_path / 'file'}' is a file, not a directory; "
+                                               "choose another MODEL_DIR.")
+    if os.access("/sys", os.W_OK) or not os.path.isdir("/sys"):
+        return  # a read-only directory is needed below; /sys is one on Linux, even for root
+    proc = run("olmax.train", *TRAIN, "--gin.MODEL_DIR=/sys/olmax_run")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert last_line(proc).startswith("olmax.train: error: MODEL_DIR = '/sys/olmax_run' cannot be written (")
+
+
+@pytest.mark.slow
+def test_gin_file_with_an_unclosed_bracket(tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("include 'gin/quickstart.gin'\ntrain.train.eval_steps = (3\n")
+    proc = run("olmax.train", f"--gin_file={bad}")
+    assert_one_line_error(proc, "olmax.train", f"Gin configuration error in {bad}, line 2: '(' is never closed "
+                                               "(gin reads to the end of the file looking for it).")
+
+
+@pytest.mark.slow
+def test_infer_num_samples_zero_is_an_error():
+    proc = run("olmax.infer", "--gin_file=gin/quickstart.gin", "--prompt", "def ", "--num_samples", "0")
+    assert_one_line_error(proc, "olmax.infer", "--num_samples=0: give at least 1 (how many continuations of --prompt "
+                                               "to print), e.g. --num_samples 3.")
+
+
+# ------------------------------------------------------------------ damaged checkpoints in eval / infer
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run with checkpoints at steps 4 and 8."""
+    model_dir = str(tmp_path_factory.mktemp("trained") / "run")
+    proc = run("olmax.train", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=8",
+               "--gin.train.train.stats_period=4", "--gin.train.train.eval_period=0",
+               "--gin.utils.SaveCheckpointConfig.period=4", "--gin.utils.SaveCheckpointConfig.keep=None",
+               "--gin.optim.create_optimizer.warmup_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return model_dir
+
+
+def damaged_copy(model_dir, dest, steps, what="data"):
+    """Copies a run and truncates the array data (or the JSON metadata) of `steps`."""
+    shutil.copytree(model_dir, dest)
+    for step in steps:
+        for root, _, files in os.walk(os.path.join(dest, str(step), "state")):
+            for f in files:
+                path = os.path.join(root, f)
+                is_data = os.sep + "d" + os.sep in path
+                if (is_data if what == "data" else f == "_METADATA"):
+                    with open(path, "r+b") as fh:
+                        fh.truncate(16)
+    return str(dest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["data", "metadata"])
+def test_eval_and_infer_fall_back_from_an_unreadable_checkpoint(trained, tmp_path, what):
+    model_dir = damaged_copy(trained, tmp_path / "run", [8], what)
+    proc = run("olmax.eval", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.eval.evaluate.eval_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Checkpoint {model_dir}/8 is unreadable (could not be loaded: " in proc.stderr
+    assert "trying step 4." in proc.stderr and "Traceback" not in proc.stderr
+    (record,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert record["step"] == 4 and record["checkpoint"] == f"{model_dir}/4"
+    assert os.path.isdir(os.path.join(model_dir, "8"))  # eval and infer never move a user's files
+
+    proc = run("olmax.infer", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.infer.infer.max_decode_length=4",
+               "--prompt", "def ")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Checkpoint {model_dir}/8 is unreadable" in proc.stderr and "trying step 4." in proc.stderr
+    assert proc.stdout.startswith("def ")
+
+
+@pytest.mark.slow
+def test_eval_and_infer_with_no_readable_checkpoint_left(trained, tmp_path):
+    model_dir = damaged_copy(trained, tmp_path / "run", [4, 8])
+    for mode in ("latest", "all"):
+        proc = run("olmax.eval", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.eval.evaluate.eval_steps=1",
+                   f"--gin.utils.RestoreCheckpointConfig.mode='{mode}'")
+        assert f"Checkpoint {model_dir}/8 is unreadable" in proc.stderr
+        assert f"Checkpoint {model_dir}/4 is unreadable" in proc.stderr
+        if mode == "latest":
+            assert "trying step 4." in proc.stderr and "no earlier checkpoint is left." in proc.stderr
+            assert_one_line_error(proc, "olmax.eval", f"No readable checkpoint left in {model_dir}: steps 8, 4 could "
+                                  "not be loaded (see the warnings above). Point CHECKPOINT_PATH at a MODEL_DIR with "
+                                  "an intact checkpoint.")
+        else:
+            assert_one_line_error(proc, "olmax.eval", f"None of the checkpoints in {model_dir} is readable (see the "
+                                  "warnings above); nothing was evaluated.")
+        assert not os.path.exists(os.path.join(model_dir, "eval"))  # nothing left behind
+
+    proc = run("olmax.infer", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--prompt", "def ")
+    assert_one_line_error(proc, "olmax.infer", f"No readable checkpoint left in {model_dir}: steps 8, 4 could not be "
+                          "loaded (see the warnings above). Point CHECKPOINT_PATH at a MODEL_DIR with an intact "
+                          "checkpoint.")
+    assert proc.stdout == ""
+
+
+def test_closed_event_loop_echo_is_dropped_and_nothing_else():
+    import types
+
+    seen = []
+    echo = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"))
+    gin_utils._quiet_closed_loop(seen.append, echo)
+    assert seen == []
+    other = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("something else"))
+    gin_utils._quiet_closed_loop(seen.append, other)
+    assert seen == [other]
