@@ -70,9 +70,7 @@ class RestoreCheckpointConfig:
 
     def __post_init__(self):
         validation.integer(self.step, "utils.RestoreCheckpointConfig.step", minimum=0, example=1000, allow_none=True)
-        if self.mode not in RESTORE_MODES:
-            raise ValueError(f"RestoreCheckpointConfig.mode={self.mode!r} is not one of {RESTORE_MODES}; "
-                             "e.g. --gin.utils.RestoreCheckpointConfig.mode=\"'all'\".")
+        validation.choice(self.mode, "utils.RestoreCheckpointConfig.mode", RESTORE_MODES)
         if self.mode == "specific" and self.step is None:
             raise ValueError("RestoreCheckpointConfig.mode='specific' needs a step: set "
                              "--gin.utils.RestoreCheckpointConfig.step=N (or point CHECKPOINT_PATH at MODEL_DIR/N).")
