@@ -39,11 +39,12 @@ class Setup:
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     val_rows: int = 64
+    recall_features: int = network.OlmaxConfig.recall_features
 
 
 def config(mixer: str, length: int, s: Setup) -> network.OlmaxConfig:
     return common.olmax_config(s.features, s.depth, length, mixer=mixer, mixer_heads=s.heads, num_heads=s.heads,
-                               conv_features=2 * s.features)
+                               conv_features=2 * s.features, recall_features=s.recall_features)
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,11 +78,19 @@ def score(trainee: common.Trainee, val: list[dict], pairs: int) -> tuple[float, 
 
 
 def run_point(pairs: int, length: int, s: Setup, log, mixers=MIXERS) -> dict:
+    import olmax_tasks
+
     task = f"olmax_recall_{pairs}x{length}"
     batch = max(1, s.batch * 256 // length)  # equal tokens per step at every length
     train = common.task_batches(task, "train", batch, length, shuffle=True)
     val = common.task_batches(task, "validation", batch, length, shuffle=False).take(max(1, s.val_rows // batch))
-    trainees = [common.Trainee(m, config(m, length, s), (batch, length), train.__getitem__, [],
+    def answers_only(i: int) -> dict:  # Zoology's protocol: the loss is on the answers
+        b = dict(train[i])
+        b["decoder_loss_weights"] = olmax_tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"],
+                                                            pairs).astype(b["decoder_loss_weights"].dtype)
+        return b
+
+    trainees = [common.Trainee(m, config(m, length, s), (batch, length), answers_only, [],
                                learning_rate=s.learning_rate, warmup_steps=s.warmup_steps) for m in mixers]
     rows = {t.name: {"params": t.params, "curve": []} for t in trainees}
     order = list(trainees)
@@ -118,7 +127,8 @@ def section(points: list[dict], s: Setup) -> common.Section:
             f"Models: features {s.features}, depth {s.depth}, conv_features {cfg.conv_features}, {s.heads} heads, "
             f"K = sqrt(N) rounded to a power of two, reversible, fp32; parameters at length 256: {params}.",
             f"Recipe: {s.steps} steps of {s.batch * 256} tokens (batch {s.batch} x 256; fewer, longer rows at 1024), "
-            f"AdamW + AGC, LR {s.learning_rate} after {s.warmup_steps} warm-up steps, constant; the same batches "
+            f"AdamW + AGC, LR {s.learning_rate} after {s.warmup_steps} warm-up steps, constant; loss on the answer "
+            "positions only (Zoology's protocol: the other tokens are random or filler); the same batches "
             "for every model, trained in interleaved chunks of {s.chunk} steps.".replace("{s.chunk}", str(s.chunk)),
             f"Scored on {s.val_rows} held-out rows per point, answer positions only (`tasks.answer_mask`): "
             "argmax accuracy and bits per answer token (perfect recall 0; guessing among the 64 values 6).",
@@ -150,8 +160,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--mixers", default=",".join(MIXERS), help="a subset, for exploration (tables need all three)")
     parser.add_argument("--lr", type=float, default=Setup.learning_rate)
+    parser.add_argument("--recall_features", type=int, default=Setup.recall_features)
     args = parser.parse_args(argv)
-    s = Setup(steps=args.steps, learning_rate=args.lr)
+    s = Setup(steps=args.steps, learning_rate=args.lr, recall_features=args.recall_features)
     start, load0 = time.perf_counter(), common.load()
     log = functools.partial(print, flush=True)
     command = "python -m benchmarks.recall" + "".join(f" {a}" for a in (argv if argv is not None else []))
