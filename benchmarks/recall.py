@@ -78,16 +78,13 @@ def score(trainee: common.Trainee, val: list[dict], pairs: int) -> tuple[float, 
 
 
 def run_point(pairs: int, length: int, s: Setup, log, mixers=MIXERS) -> dict:
-    import olmax_tasks
-
     task = f"olmax_recall_{pairs}x{length}"
     batch = max(1, s.batch * 256 // length)  # equal tokens per step at every length
     train = common.task_batches(task, "train", batch, length, shuffle=True)
     val = common.task_batches(task, "validation", batch, length, shuffle=False).take(max(1, s.val_rows // batch))
     def answers_only(i: int) -> dict:  # Zoology's protocol: the loss is on the answers
         b = dict(train[i])
-        b["decoder_loss_weights"] = olmax_tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"],
-                                                            pairs).astype(b["decoder_loss_weights"].dtype)
+        b["decoder_loss_weights"] = tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"], pairs).astype(b["decoder_loss_weights"].dtype)
         return b
 
     trainees = [common.Trainee(m, config(m, length, s), (batch, length), answers_only, [],
