@@ -84,7 +84,8 @@ def run_point(pairs: int, length: int, s: Setup, log, mixers=MIXERS) -> dict:
     val = common.task_batches(task, "validation", batch, length, shuffle=False).take(max(1, s.val_rows // batch))
     def answers_only(i: int) -> dict:  # Zoology's protocol: the loss is on the answers
         b = dict(train[i])
-        b["decoder_loss_weights"] = tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"], pairs).astype(b["decoder_loss_weights"].dtype)
+        mask = tasks.answer_mask(b["decoder_target_tokens"], b["decoder_positions"], pairs)
+        b["decoder_loss_weights"] = mask.astype(b["decoder_loss_weights"].dtype)
         return b
 
     trainees = [common.Trainee(m, config(m, length, s), (batch, length), answers_only, [],
@@ -127,7 +128,7 @@ def section(points: list[dict], s: Setup) -> common.Section:
             f"AdamW + AGC, LR {s.learning_rate} after {s.warmup_steps} warm-up steps, constant; loss on the answer "
             "positions only (Zoology's protocol: the other tokens are random or filler); the same batches "
             "for every model, trained in interleaved chunks of {s.chunk} steps.".replace("{s.chunk}", str(s.chunk)),
-            f"Scored on {s.val_rows} held-out rows per point, answer positions only (`tasks.answer_mask`): "
+            f"Scored on {s.val_rows} held-out rows per point, answer positions only (`olmax.tasks.answer_mask`): "
             "argmax accuracy and bits per answer token (perfect recall 0; guessing among the 64 values 6).",
         ],
         plots=["recall.png"],
