@@ -142,7 +142,8 @@ def evaluate(
     results = []
     for candidates in groups:
         try:
-            step, params = load_params(setup, directory, candidates, "skipping it" if every else "no earlier checkpoint is left")
+            step, params = load_params(setup, directory, candidates,
+                                       "skipping it" if every else "no earlier checkpoint is left")
         except checkpoints.NoReadableCheckpointError:
             if every:
                 continue

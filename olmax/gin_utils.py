@@ -120,7 +120,8 @@ def describe_gin_error(e: Exception, gin_files: Sequence[str], gin_bindings: Seq
         found = _unclosed_in(gin_files[0], list(search_paths) + default_search_paths())
         if found:
             path, line, what = found
-            return f"Gin configuration error in {path}, line {line}: {what} (gin reads to the end of the file looking for it)."
+            return (f"Gin configuration error in {path}, line {line}: {what} "
+                    "(gin reads to the end of the file looking for it).")
     if "In file" in msg or "In bindings string" in msg:
         return f"Gin configuration error: {msg}"
     if isinstance(e, SyntaxError) and e.filename and e.lineno:
@@ -229,7 +230,8 @@ def _unset_binding(e: BaseException) -> str | None:
     unset = _UNSET_MACRO.search(text)
     if isinstance(e, TypeError) and unset:  # Gin calls an undefined macro's placeholder with no value
         name = unset.group(1)
-        return f"Gin macro %{name} is used but never set; set it in a gin file ({name} = ...) or with --gin.{name}=VALUE."
+        return (f"Gin macro %{name} is used but never set; set it in a gin file ({name} = ...) "
+                f"or with --gin.{name}=VALUE.")
     if isinstance(e, RuntimeError) and text.startswith("Required bindings for"):
         return user_message(e) + "; bind them in a gin file or with --gin.<configurable>.<parameter>=VALUE."
     return None
