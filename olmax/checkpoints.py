@@ -248,8 +248,8 @@ def restore_params(directory: str, meta: dict, abstract_params: Any, steps: Sequ
     if found is None:
         tried = ", ".join(str(s) for s in steps)
         raise NoReadableCheckpointError(
-            f"No readable checkpoint left in {ckpt.directory}: step{'s' if len(steps) > 1 else ''} {tried} could not be loaded (see the warnings "
-            "above). Point CHECKPOINT_PATH at a MODEL_DIR with an intact checkpoint."
+            f"No readable checkpoint left in {ckpt.directory}: step{'s' if len(steps) > 1 else ''} {tried} could not "
+            "be loaded (see the warnings above). Point CHECKPOINT_PATH at a MODEL_DIR with an intact checkpoint."
         )
     step, state, _ = found
     return step, state["params"]

@@ -115,7 +115,8 @@ def describe_gin_error(e: Exception, gin_files: Sequence[str], gin_bindings: Seq
         found = _unclosed_in(gin_files[0], list(search_paths) + default_search_paths())
         if found:
             path, line, what = found
-            return f"Gin configuration error in {path}, line {line}: {what} (gin reads to the end of the file looking for it)."
+            return (f"Gin configuration error in {path}, line {line}: {what} "
+                    "(gin reads to the end of the file looking for it).")
     if "In file" in msg or "In bindings string" in msg:
         return f"Gin configuration error: {msg}"
     if isinstance(e, SyntaxError) and e.filename and e.lineno:
@@ -209,20 +210,37 @@ def _quiet_closed_loop(default_hook, unraisable) -> None:
 
 
 # Errors Olmax raises on purpose for bad input or a bad file; their message is the whole story.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+_UNSET_MACRO = re.compile(r"In call to configurable 'macro' .* in scope '([^']+)'")
 
 
 def _report_errors(main, argv):
     """Runs main(argv). An error raised by Olmax's own code (a message written for the
-    user) prints as `<binary>: error: <message>` with exit status 1; anything raised
-    inside a library keeps its traceback, as does everything with OLMAX_TRACEBACK=1."""
+    user) or a Gin binding left unset prints as `<binary>: error: <message>` with exit
+    status 1; anything else keeps its traceback, as does everything with OLMAX_TRACEBACK=1."""
     try:
         return main(argv)
-    except USER_ERRORS as e:
-        if os.environ.get("OLMAX_TRACEBACK") or not raised_by_olmax(e):
+    except (TypeError, RuntimeError, *USER_ERRORS) as e:
+        message = _unset_binding(e) if isinstance(e, (TypeError, RuntimeError)) else None
+        if isinstance(e, USER_ERRORS) and raised_by_olmax(e):
+            message = user_message(e)
+        if os.environ.get("OLMAX_TRACEBACK") or message is None:
             raise
-        print(f"{main.__module__}: error: {user_message(e)}", file=sys.stderr, flush=True)
+        print(f"{main.__module__}: error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _unset_binding(e: BaseException) -> str | None:
+    """The message for Gin's errors about a value nobody set, else None."""
+    text = str(e)
+    unset = _UNSET_MACRO.search(text)
+    if isinstance(e, TypeError) and unset:  # Gin calls an undefined macro's placeholder with no value
+        name = unset.group(1)
+        return (f"Gin macro %{name} is used but never set; set it in a gin file ({name} = ...) "
+                f"or with --gin.{name}=VALUE.")
+    if isinstance(e, RuntimeError) and text.startswith("Required bindings for"):
+        return user_message(e) + "; bind them in a gin file or with --gin.<configurable>.<parameter>=VALUE."
+    return None
 
 
 def raised_by_olmax(e: BaseException) -> bool:

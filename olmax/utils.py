@@ -35,6 +35,8 @@ class DatasetConfig:
     module: str | Sequence[str] | None = None  # MIXTURE_OR_TASK_MODULE
 
     def __post_init__(self):
+        validation.required(self.mixture_or_task_name, "utils.DatasetConfig.mixture_or_task_name",
+                            macro="MIXTURE_OR_TASK_NAME", example="olmax_stdlib")
         validation.integer(self.batch_size, "utils.DatasetConfig.batch_size", minimum=1, macro="BATCH_SIZE")
         validation.feature_lengths(self.task_feature_lengths)
 
@@ -112,15 +114,25 @@ def get_dataset(
         raise ValueError(f"BATCH_SIZE={cfg.batch_size} must be divisible by the {shard_count} data shards (hosts).")
     task = get_task(cfg)
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=shard_count)
-    ds = task.get_dataset(
-        sequence_length=dict(cfg.task_feature_lengths),
-        split=cfg.split,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        use_cached=cfg.use_cached,
-        shard_info=shard_info,
-        num_epochs=num_epochs,
-    )
+    try:
+        ds = task.get_dataset(
+            sequence_length=dict(cfg.task_feature_lengths),
+            split=cfg.split,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            use_cached=cfg.use_cached,
+            shard_info=shard_info,
+            num_epochs=num_epochs,
+        )
+    except KeyError as e:  # TFDS: "`splits` is empty ... has not been generated yet"
+        if "not been generated" not in str(e):
+            raise
+        tfds_name = getattr(getattr(getattr(task, "source", None), "tfds_dataset", None), "name", None) or "NAME"
+        raise FileNotFoundError(
+            f"Task {cfg.mixture_or_task_name!r} reads the TFDS dataset {tfds_name}, which is not prepared in the TFDS "
+            f"data directory; build it first (`tfds build {tfds_name.split(':')[0]} --data_dir=DIR`) and pass "
+            "--tfds_data_dir=DIR."
+        ) from None
     converter = seqio.DecoderFeatureConverter(pack=cfg.pack)
     ds = converter(ds, dict(cfg.task_feature_lengths))
     ds = ds.batch(cfg.batch_size // shard_count, drop_remainder=True)

@@ -18,6 +18,8 @@ import os
 import socket
 from typing import Any, Mapping
 
+import gin
+
 
 def _label(name: str, macro: str | None) -> str:
     return f"{macro} ({name})" if macro else name
@@ -25,6 +27,14 @@ def _label(name: str, macro: str | None) -> str:
 
 def _flag(name: str, macro: str | None) -> str:
     return f"--gin.{macro or name}"
+
+
+def required(value: Any, name: str, *, macro: str | None = None, example: str = "VALUE") -> Any:
+    """Raises when `value` is Gin's %gin.REQUIRED placeholder (a macro nobody set)."""
+    if value is gin.REQUIRED:
+        raise ValueError(f"{_label(name, macro)} is required but not set; set it in a gin file or with "
+                         f"{_flag(name, macro)}={example}.")
+    return value
 
 
 def integer(value: Any, name: str, *, minimum: int | None = None, macro: str | None = None,
@@ -36,6 +46,7 @@ def integer(value: Any, name: str, *, minimum: int | None = None, macro: str | N
     """
     if value is None and allow_none:
         return None
+    required(value, name, macro=macro, example=str(example))
     label, flag = _label(name, macro), _flag(name, macro)
     at_least = f" >= {minimum}" if minimum is not None else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -57,6 +68,7 @@ def number(value: Any, name: str, *, minimum: float | None = None, positive: boo
     """`value` as a finite float (ints welcome), or a ValueError naming `name` and the fix."""
     if value is None and allow_none:
         return None
+    required(value, name, macro=macro, example=example)
     label, flag = _label(name, macro), _flag(name, macro)
     bounds = [f"> {minimum}" if positive else f">= {minimum}"] if minimum is not None else []
     bounds += [f"<= {maximum}"] if maximum is not None else []
@@ -80,6 +92,7 @@ def choice(value: Any, name: str, options: tuple, *, macro: str | None = None) -
 def feature_lengths(value: Any, name: str = "utils.DatasetConfig.task_feature_lengths",
                     macro: str = "TASK_FEATURE_LENGTHS") -> dict[str, int]:
     """A {'feature': length} mapping of positive ints (e.g. {'targets': 256})."""
+    required(value, name, macro=macro, example="\"{'targets': 256}\"")
     label = _label(name, macro)
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"{label} = {value!r} is not a mapping of feature lengths; set e.g. "
@@ -94,6 +107,7 @@ def prepare_model_dir(model_dir: Any, name: str = "MODEL_DIR") -> str:
 
     Remote paths (gs://...) are left to the storage layer. Returns the path.
     """
+    required(model_dir, name, example="runs/my_run")
     if not isinstance(model_dir, (str, os.PathLike)) or not os.fspath(model_dir):
         raise ValueError(f"{name} = {model_dir!r} is not a path; set e.g. --gin.{name}=runs/my_run.")
     path = os.fspath(model_dir)

@@ -146,7 +146,8 @@ def test_tpu_vm_installs_into_a_fresh_directory_and_never_deletes(capsys):
     ("--gin.TRAIN_STEPS=5", "MODEL_DIR is not set"),
 ])
 def test_tpu_vm_refuses_a_model_dir_the_workers_cannot_share(capsys, model_dir, needle):
-    assert tpu_vm.main(["--tpu", "t", "--zone", "z", "--dry_run", "--", "--gin_file=gin/models/small.gin", model_dir]) == 2
+    argv = ["--tpu", "t", "--zone", "z", "--dry_run", "--", "--gin_file=gin/models/small.gin", model_dir]
+    assert tpu_vm.main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "gs://" in err and len(err.strip().splitlines()) == 1
 

@@ -258,3 +258,58 @@ def test_closed_event_loop_echo_is_dropped_and_nothing_else():
     other = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("something else"))
     gin_utils._quiet_closed_loop(seen.append, other)
     assert seen == [other]
+
+
+def test_unset_required_values_are_named():
+    import gin
+
+    # (%gin.REQUIRED macros reach the configs as gin.REQUIRED; a Python caller passing it gets Gin's own error.)
+    with pytest.raises(ValueError, match=r"^MIXTURE_OR_TASK_NAME \(utils.DatasetConfig.mixture_or_task_name\) is "
+                                         r"required but not set; set it in a gin file or with "
+                                         r"--gin.MIXTURE_OR_TASK_NAME=olmax_stdlib.$"):
+        validation.required(gin.REQUIRED, "utils.DatasetConfig.mixture_or_task_name", macro="MIXTURE_OR_TASK_NAME",
+                            example="olmax_stdlib")
+    with pytest.raises(ValueError, match=r"^TASK_FEATURE_LENGTHS .* is required but not set"):
+        validation.feature_lengths(gin.REQUIRED)
+    with pytest.raises(ValueError, match=r"^MODEL_DIR is required but not set; .* --gin.MODEL_DIR=runs/my_run.$"):
+        validation.prepare_model_dir(gin.REQUIRED)
+
+
+def test_unprepared_tfds_dataset_is_named(tmp_path):
+    from olmax_tasks import tfds_tasks, vocab
+
+    tfds_tasks.register_tfds_text_task("test_unprepared_lm1b", "lm1b:1.1.0", vocab.byte_vocabulary(),
+                                       tfds_tasks.LM1B_SPLITS, tfds_data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"^Task 'test_unprepared_lm1b' reads the TFDS dataset lm1b:1.1.0, "
+                                                r"which is not prepared .* \(`tfds build lm1b --data_dir=DIR`\)"):
+        utils.get_dataset(utils.DatasetConfig("test_unprepared_lm1b", {"targets": 8}, batch_size=2))
+
+
+@pytest.mark.slow
+def test_undefined_and_unset_macros_are_named(tmp_path):
+    gin_file = tmp_path / "macro.gin"
+    gin_file.write_text("include 'gin/quickstart.gin'\nTRAIN_STEPS = %NOPE\n")
+    proc = run("olmax.train", f"--gin_file={gin_file}")
+    assert_one_line_error(proc, "olmax.train", "Gin macro %NOPE is used but never set; set it in a gin file "
+                                               "(NOPE = ...) or with --gin.NOPE=VALUE.")
+    proc = run("olmax.train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin")  # no macros set
+    assert_one_line_error(proc, "olmax.train", "MIXTURE_OR_TASK_NAME (utils.DatasetConfig.mixture_or_task_name) is "
+                          "required but not set; set it in a gin file or with --gin.MIXTURE_OR_TASK_NAME=olmax_stdlib.")
+
+
+def test_report_errors_prints_one_line_only_for_olmax_messages(capsys, monkeypatch):
+    def bad_value(argv):
+        validation.integer("four", "utils.DatasetConfig.batch_size", minimum=1, macro="BATCH_SIZE")
+
+    bad_value.__module__ = "olmax.train"
+    monkeypatch.delenv("OLMAX_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        gin_utils._report_errors(bad_value, [])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == ("olmax.train: error: BATCH_SIZE (utils.DatasetConfig.batch_size) = 'four' is "
+                                       "not a whole number; set an integer >= 1, e.g. --gin.BATCH_SIZE=16.\n")
+    with pytest.raises(json.JSONDecodeError):  # a library's error is not ours to summarize
+        gin_utils._report_errors(lambda argv: json.loads("{"), [])
+    monkeypatch.setenv("OLMAX_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="four"):
+        gin_utils._report_errors(bad_value, [])
