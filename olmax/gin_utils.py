@@ -185,9 +185,9 @@ class _LibraryNoise(logging.Filter):
         return not any(n in record.pathname for n in noisy)
 
 
-def run(main, argv: Sequence[str] | None = None) -> None:
+def run(main, argv: Sequence[str] | None = None, name: str | None = None) -> None:
     """absl.app.run with --gin.KEY=VALUE support, TensorFlow kept off the GPUs (and quiet); Olmax's own
-    errors end in one message, not a traceback."""
+    errors end in one message, `<name>: error: ...` (name: the binary, default main's module)."""
     from absl import app
 
     from olmax import tf_quiet
@@ -197,7 +197,7 @@ def run(main, argv: Sequence[str] | None = None) -> None:
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
     sys.unraisablehook = functools.partial(_quiet_closed_loop, sys.unraisablehook)
-    app.run(functools.partial(_report_errors, main), argv=argv)
+    app.run(functools.partial(_report_errors, main, name or main.__module__), argv=argv)
 
 
 def _quiet_closed_loop(default_hook, unraisable) -> None:
@@ -214,7 +214,7 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 _UNSET_MACRO = re.compile(r"In call to configurable 'macro' .* in scope '([^']+)'")
 
 
-def _report_errors(main, argv):
+def _report_errors(main, name: str, argv):
     """Runs main(argv). An error raised by Olmax's own code (a message written for the
     user) or a Gin binding left unset prints as `<binary>: error: <message>` with exit
     status 1; anything else keeps its traceback, as does everything with OLMAX_TRACEBACK=1."""
@@ -226,7 +226,7 @@ def _report_errors(main, argv):
             message = user_message(e)
         if os.environ.get("OLMAX_TRACEBACK") or message is None:
             raise
-        print(f"{main.__module__}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -275,7 +275,7 @@ def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | No
         parse_from_flags(run_file=run_file)
         entry()
 
-    run(main, argv)
+    run(main, argv, name=entry.__module__)
 
 
 def quiet_library_logs() -> None:

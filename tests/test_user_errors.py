@@ -301,15 +301,14 @@ def test_report_errors_prints_one_line_only_for_olmax_messages(capsys, monkeypat
     def bad_value(argv):
         validation.integer("four", "utils.DatasetConfig.batch_size", minimum=1, macro="BATCH_SIZE")
 
-    bad_value.__module__ = "olmax.train"
     monkeypatch.delenv("OLMAX_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as e:
-        gin_utils._report_errors(bad_value, [])
+        gin_utils._report_errors(bad_value, "olmax.train", [])
     assert e.value.code == 1
     assert capsys.readouterr().err == ("olmax.train: error: BATCH_SIZE (utils.DatasetConfig.batch_size) = 'four' is "
                                        "not a whole number; set an integer >= 1, e.g. --gin.BATCH_SIZE=16.\n")
     with pytest.raises(json.JSONDecodeError):  # a library's error is not ours to summarize
-        gin_utils._report_errors(lambda argv: json.loads("{"), [])
+        gin_utils._report_errors(lambda argv: json.loads("{"), "olmax.train", [])
     monkeypatch.setenv("OLMAX_TRACEBACK", "1")
     with pytest.raises(ValueError, match="four"):
-        gin_utils._report_errors(bad_value, [])
+        gin_utils._report_errors(bad_value, "olmax.train", [])
