@@ -264,13 +264,18 @@ def test_a_failing_eval_keeps_the_checkpoint_of_its_step(tmp_path):
     assert os.path.isdir(model_dir / "4")  # saved before the eval that failed
 
 
-@pytest.mark.slow
-def test_first_ctrl_c_saves_and_exits_like_sigterm(tmp_path):
-    model_dir = str(tmp_path / "interrupted")
+def ctrl_c_at_step_3(model_dir):
+    """A 500-step run that gets SIGINT (what Ctrl-C sends) once step 3 is logged."""
     proc = start(model_dir, 500)
     wait_for_line(proc, "step 3/500")
     proc.send_signal(signal.SIGINT)
-    code, out = finish(proc)
+    return proc
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_saves_and_exits_like_sigterm(tmp_path):
+    model_dir = str(tmp_path / "interrupted")
+    code, out = finish(ctrl_c_at_step_3(model_dir))
     assert code == 0, out[-3000:]
     assert "Ctrl-C: finishing this step" in out and "KeyboardInterrupt" not in out
     stopped = int(re.search(r"Saved step (\d+) after Ctrl-C", out).group(1))
@@ -279,10 +284,7 @@ def test_first_ctrl_c_saves_and_exits_like_sigterm(tmp_path):
 
 @pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(tmp_path):
-    model_dir = str(tmp_path / "aborted")
-    proc = start(model_dir, 500)
-    wait_for_line(proc, "step 3/500")
-    proc.send_signal(signal.SIGINT)
+    proc = ctrl_c_at_step_3(str(tmp_path / "aborted"))
     wait_for_line(proc, "press Ctrl-C again")
     proc.send_signal(signal.SIGINT)
     code, out = finish(proc)
