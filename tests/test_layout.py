@@ -1,6 +1,7 @@
 """The module graph and the tree: binaries on a library, import names = folder names, a quiet console."""
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -113,8 +114,10 @@ def test_checkout_on_pythonpath_runs_like_an_install_and_starts_quietly(tmp_path
 def test_wheel_holds_what_the_tree_holds(tmp_path):
     """A plain install gets the same paths as the checkout: olmax/gin/*.gin as package data,
     olmax/tasks, the olmax_tasks alias; no top-level `tasks` or `gin` package."""
+    source = tmp_path / "source"  # setuptools builds in the source tree: leave the checkout alone
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "runs", "__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), REPO], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                           "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
     names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
