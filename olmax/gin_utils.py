@@ -133,6 +133,8 @@ class _LibraryNoise(logging.Filter):
             # (checkpoints.CheckpointSaveError), so orbax's per-thread tracebacks are left out.
             message = record.getMessage()
             return not ("raised an exception" in message or "thread" in message.lower())
+        if "/orbax/" in record.pathname and ("read only" in record.getMessage() or "read_only" in record.getMessage()):
+            return False  # eval and infer open checkpoints read-only on purpose: nothing to warn about
         if record.levelno >= logging.WARNING and "resource_reader" not in record.pathname:
             return True
         noisy = ("/orbax/", "resource_reader", "/seqio/", "xla_bridge", "/etils/")
