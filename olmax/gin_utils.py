@@ -142,12 +142,8 @@ class _LibraryNoise(logging.Filter):
 
 
 def run(main, argv: Sequence[str] | None = None) -> None:
-    """absl.app.run with --gin.KEY=VALUE support, TensorFlow kept off the GPUs (and quiet)."""
+    """absl.app.run with --gin.KEY=VALUE support."""
     from absl import app
-
-    from olmax import tf_quiet
-
-    tf_quiet.hide_accelerators()  # before app.run, whose start-up already wakes TensorFlow's runtime
 
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
@@ -155,8 +151,10 @@ def run(main, argv: Sequence[str] | None = None) -> None:
 
 
 def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | None = None) -> None:
-    """What every binary's console script does: parse the flags, join the other hosts
-    (olmax.multihost), parse Gin (`run_file` first), then call `entry()`."""
+    """What the train, eval and infer console scripts do: keep TensorFlow off the GPUs, parse
+    the flags, join the other hosts (olmax.multihost), parse Gin (`run_file` first), call `entry()`."""
+
+    from olmax import tf_quiet
 
     def main(argv):
         del argv
@@ -166,6 +164,9 @@ def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | No
         parse_from_flags(run_file=run_file)
         entry()
 
+    # TensorFlow off the GPUs (quietly), before app.run, whose start-up already wakes its runtime.
+    # Not in run(): the planner must configure JAX's devices before anything imports it.
+    tf_quiet.hide_accelerators()
     run(main, argv)
 
 

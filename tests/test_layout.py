@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 
 import pytest
@@ -77,9 +76,9 @@ def test_olmax_tasks_is_an_alias_of_olmax_tasks_package():
 
 def _checkout_only_env():
     """The checkout on PYTHONPATH, no site processing: an installed olmax (editable or not) is invisible."""
-    site = sysconfig.get_paths()["purelib"]
+    sites = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]  # venv + system
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
-    env.update(PYTHONPATH=os.pathsep.join([REPO, site]), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=os.pathsep.join([REPO, *sites]), XLA_FLAGS="", JAX_PLATFORMS="cpu")
     return env
 
 
