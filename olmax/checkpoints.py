@@ -34,11 +34,12 @@ class CheckpointSaveError(RuntimeError):
     """A save failed (a full disk, no write permission): the run must stop, the message says why."""
 
 
-def _hide_closed_event_loop_reports() -> None:
-    """After a background save fails, orbax closes its event loop while tensorstore still
-    calls back into it; each callback reports 'RuntimeError: Event loop is closed' (hundreds
-    of tracebacks after a full disk). They say nothing the save error does not, so they are
-    dropped; every other report passes through."""
+def hide_closed_event_loop_reports() -> None:
+    """After a background save or a read fails, orbax closes its event loop while tensorstore
+    still calls back into it; each callback reports 'RuntimeError: Event loop is closed' (through
+    sys.excepthook, threading.excepthook or sys.unraisablehook, depending on the thread):
+    hundreds of tracebacks after a full disk. They say nothing the save error does not, so
+    they are dropped; every other report passes through."""
     import threading
 
     if getattr(sys.excepthook, "olmax_hides_closed_loops", False):
@@ -47,7 +48,7 @@ def _hide_closed_event_loop_reports() -> None:
     def closed_loop(kind, value) -> bool:
         return kind is RuntimeError and str(value) == "Event loop is closed"
 
-    previous, previous_thread = sys.excepthook, threading.excepthook
+    previous, previous_thread, previous_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
 
     def hook(kind, value, tb):
         if not closed_loop(kind, value):
@@ -57,8 +58,12 @@ def _hide_closed_event_loop_reports() -> None:
         if not closed_loop(args.exc_type, args.exc_value):
             previous_thread(args)
 
+    def unraisable_hook(args):
+        if not closed_loop(args.exc_type, args.exc_value):
+            previous_unraisable(args)
+
     hook.olmax_hides_closed_loops = True
-    sys.excepthook, threading.excepthook = hook, thread_hook
+    sys.excepthook, threading.excepthook, sys.unraisablehook = hook, thread_hook, unraisable_hook
 
 
 class Checkpointer:
@@ -85,7 +90,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         if save_cfg is not None:
-            _hide_closed_event_loop_reports()
+            hide_closed_event_loop_reports()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -179,6 +179,8 @@ class _LibraryNoise(logging.Filter):
             # (checkpoints.CheckpointSaveError), so orbax's per-thread tracebacks are left out.
             message = record.getMessage()
             return not ("raised an exception" in message or "thread" in message.lower())
+        if "/orbax/" in record.pathname and ("read only" in record.getMessage() or "read_only" in record.getMessage()):
+            return False  # eval and infer open checkpoints read-only on purpose: nothing to warn about
         if record.levelno >= logging.WARNING and "resource_reader" not in record.pathname:
             return True
         noisy = ("/orbax/", "resource_reader", "/seqio/", "xla_bridge", "/etils/")
@@ -186,27 +188,13 @@ class _LibraryNoise(logging.Filter):
 
 
 def run(main, argv: Sequence[str] | None = None, name: str | None = None) -> None:
-    """absl.app.run with --gin.KEY=VALUE support, TensorFlow kept off the GPUs (and quiet); Olmax's own
-    errors end in one message, `<name>: error: ...` (name: the binary, default main's module)."""
+    """absl.app.run with --gin.KEY=VALUE support; Olmax's own errors end in one message,
+    `<name>: error: ...` (name: the binary, default main's module)."""
     from absl import app
-
-    from olmax import tf_quiet
-
-    tf_quiet.hide_accelerators()  # before app.run, whose start-up already wakes TensorFlow's runtime
 
     define_flags()
     argv = rewrite_gin_args(sys.argv if argv is None else argv)
-    sys.unraisablehook = functools.partial(_quiet_closed_loop, sys.unraisablehook)
     app.run(functools.partial(_report_errors, main, name or main.__module__), argv=argv)
-
-
-def _quiet_closed_loop(default_hook, unraisable) -> None:
-    """Drops `RuntimeError: Event loop is closed`: tensorstore's I/O threads report it as an
-    unraisable exception when orbax's event loop has already stopped after a failed read or
-    write (a damaged checkpoint). The failure itself is reported; this is only its echo."""
-    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
-        return
-    default_hook(unraisable)
 
 
 # Errors Olmax raises on purpose for bad input or a bad file; their message is the whole story.
@@ -264,17 +252,23 @@ def user_message(e: BaseException) -> str:
 
 
 def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | None = None) -> None:
-    """What every binary's console script does: parse the flags, join the other hosts
-    (olmax.multihost), parse Gin (`run_file` first), then call `entry()`."""
+    """What the train, eval and infer console scripts do: keep TensorFlow off the GPUs, parse
+    the flags, join the other hosts (olmax.multihost), parse Gin (`run_file` first), call `entry()`."""
+
+    from olmax import tf_quiet
 
     def main(argv):
         del argv
-        from olmax import multihost
+        from olmax import checkpoints, multihost
 
+        checkpoints.hide_closed_event_loop_reports()  # the echoes of a damaged checkpoint's failed read
         multihost.initialize_from_flags()
         parse_from_flags(run_file=run_file)
         entry()
 
+    # TensorFlow off the GPUs (quietly), before app.run, whose start-up already wakes its runtime.
+    # Not in run(): the planner must configure JAX's devices before anything imports it.
+    tf_quiet.hide_accelerators()
     run(main, argv, name=entry.__module__)
 
 

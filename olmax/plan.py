@@ -4,7 +4,7 @@ r"""Will it fit, and how fast? Compile the train step for a mesh before spending
         [--batch_size 256 --length 2048 --device_kind "TPU v4" --peak_flops 275e12 \
          --device_memory_gb 32 --utilization 0.6 --microbatches 1] [--gin.KEY=VALUE ...]
 
-The planner builds exactly what `olmax.train` builds (TrainSetup, make_train_step,
+The planner builds exactly what `olmax.train` builds (trainer.TrainSetup, trainer.make_steps,
 PjitPartitioner with the Gin logical axis rules) on `data x model` simulated CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count, set before JAX starts),
 and compiles the jitted, donated train step ahead of time from abstract shapes

@@ -210,10 +210,10 @@ def train(
                 if profile_steps and step == profile_steps[0] + profile_steps[1] - 1:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
-                preemption.check(step)
+                stop = preemption.check(step)  # read once: a signal from here on counts for the next step
                 nonfinite.check(step, metrics["skipped"])
                 ckpt.check()  # a failed background save stops the run now, not at the end
-                last = step == total_steps or preemption.requested
+                last = step == total_steps or stop
                 if step % stats_period == 0 or last:
                     log.write(step)
                 if ckpt.should_save(step) or last:  # before eval: a failing eval never costs this checkpoint
@@ -221,7 +221,7 @@ def train(
                 if train_eval_dataset_cfg is not None and eval_period and (step % eval_period == 0 or step == total_steps):
                     log.write_eval(step, trainer.evaluate(state["params"], train_eval_dataset_cfg, partitioner,
                                                           eval_steps, steps.eval))
-                if preemption.requested:
+                if stop:
                     logging.warning("Saved step %d after %s; rerun the same command to resume.", step,
                                     preemption.reason)
                     break

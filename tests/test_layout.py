@@ -1,9 +1,9 @@
 """The module graph and the tree: binaries on a library, import names = folder names, a quiet console."""
 import ast
 import os
+import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 
 import pytest
@@ -76,9 +76,9 @@ def test_olmax_tasks_is_an_alias_of_olmax_tasks_package():
 
 def _checkout_only_env():
     """The checkout on PYTHONPATH, no site processing: an installed olmax (editable or not) is invisible."""
-    site = sysconfig.get_paths()["purelib"]
+    sites = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]  # venv + system
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
-    env.update(PYTHONPATH=os.pathsep.join([REPO, site]), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=os.pathsep.join([REPO, *sites]), XLA_FLAGS="", JAX_PLATFORMS="cpu")
     return env
 
 
@@ -113,8 +113,12 @@ def test_checkout_on_pythonpath_runs_like_an_install_and_starts_quietly(tmp_path
 def test_wheel_holds_what_the_tree_holds(tmp_path):
     """A plain install gets the same paths as the checkout: olmax/gin/*.gin as package data,
     olmax/tasks, the olmax_tasks alias; no top-level `tasks` or `gin` package."""
+    source = tmp_path / "source"  # setuptools builds in the source tree: leave the checkout alone
+    skip = {".git", "build", "runs", "__pycache__"}  # at the top: olmax/gin/runs holds Gin files
+    shutil.copytree(REPO, source, ignore=lambda d, names: [n for n in names if n.endswith(".egg-info") or (
+        n in skip and (d == REPO or n == "__pycache__"))])
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), REPO], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                           "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
     names = set(zipfile.ZipFile(tmp_path / wheel).namelist())

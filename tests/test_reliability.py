@@ -1,6 +1,7 @@
 """Reliability: preemption, exact resume after a crash, non-finite steps, corrupt checkpoints, bad input."""
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -209,3 +210,130 @@ def test_nothing_unpickles():
                 if f.endswith(".py"):
                     text = open(os.path.join(root, f)).read()
                     assert not loader.search(text), os.path.join(root, f)
+
+
+# What used to lose work (issue 13): each reproduced through the binary.
+
+BROKEN_VALIDATION = '''
+"""Train documents that never run out; validation data that breaks at its third document."""
+import seqio
+import tensorflow as tf
+
+from olmax import tasks
+
+
+def _dataset(split, shuffle_files=False, seed=None):
+    if split == "train":
+        return tf.data.Dataset.from_tensor_slices({"text": [f"training document {i}" for i in range(64)]})
+
+    def broken():
+        yield {"text": "first validation document"}
+        yield {"text": "second validation document"}
+        raise ValueError("broken validation data")
+
+    return tf.data.Dataset.from_generator(broken, output_signature={"text": tf.TensorSpec((), tf.string)})
+
+
+tasks.add_lm_task("olmax_broken_validation", seqio.FunctionDataSource(_dataset, splits=("train", "validation")),
+                  tasks.byte_vocabulary())
+'''
+
+
+@pytest.mark.slow
+def test_a_validation_split_smaller_than_a_batch_is_found_before_step_1(tmp_path):
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    (tmp_path / "val.txt").write_text("tiny")
+    code, out = finish(start(str(tmp_path / "run"), 20, "--gin.MIXTURE_OR_TASK_NAME=text_files",
+                             f"--gin.olmax_tasks.text_files.train_patterns={tmp_path / 'train.txt'}",
+                             f"--gin.olmax_tasks.text_files.validation_patterns={tmp_path / 'val.txt'}",
+                             "--gin.train.train.eval_period=10", "--gin.BATCH_SIZE=4"))
+    assert code != 0
+    assert "'validation' split of text_files gives no full batch" in out and "validation_patterns" in out
+    assert "eval_period=0" in out and "step 1/20" not in out  # found before any step ran
+
+
+@pytest.mark.slow
+def test_a_failing_eval_keeps_the_checkpoint_of_its_step(tmp_path):
+    module = tmp_path / "broken_tasks.py"
+    module.write_text(BROKEN_VALIDATION)
+    model_dir = tmp_path / "run"
+    code, out = finish(start(str(model_dir), 8, f"--gin.MIXTURE_OR_TASK_MODULE={module}",
+                             "--gin.MIXTURE_OR_TASK_NAME=olmax_broken_validation", "--gin.train.train.eval_period=4",
+                             "--gin.train.train.eval_steps=3", "--gin.train_eval/utils.DatasetConfig.pack=False"))
+    assert code != 0 and "broken validation data" in out and "step 4/8" in out
+    assert os.path.isdir(model_dir / "4")  # saved before the eval that failed
+
+
+def ctrl_c_at_step_3(model_dir):
+    """A 500-step run that gets SIGINT (what Ctrl-C sends) once step 3 is logged."""
+    proc = start(model_dir, 500)
+    wait_for_line(proc, "step 3/500")
+    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_saves_and_exits_like_sigterm(tmp_path):
+    model_dir = str(tmp_path / "interrupted")
+    code, out = finish(ctrl_c_at_step_3(model_dir))
+    assert code == 0, out[-3000:]
+    assert "Ctrl-C: finishing this step" in out and "KeyboardInterrupt" not in out
+    stopped = int(re.search(r"Saved step (\d+) after Ctrl-C", out).group(1))
+    assert 3 <= stopped < 500 and os.path.isdir(os.path.join(model_dir, str(stopped))), out[-3000:]
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    proc = ctrl_c_at_step_3(str(tmp_path / "aborted"))
+    wait_for_line(proc, "press Ctrl-C again")
+    proc.send_signal(signal.SIGINT)
+    code, out = finish(proc)
+    assert code != 0 and "Saved step" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_each_start_keeps_its_config_and_a_changed_schedule_is_reported(tmp_path):
+    model_dir = tmp_path / "run"
+    code, out = finish(start(str(model_dir), 4))
+    assert code == 0, out[-3000:]
+    code, out = finish(start(str(model_dir), 8))
+    assert code == 0 and "Restored step 4" in out, out[-3000:]
+    assert "Resuming at step 4 with another schedule" in out and "TRAIN_STEPS 4 -> 8" in out
+    assert "TRAIN_STEPS = 4" in (model_dir / "config_start_0.gin").read_text()
+    assert "TRAIN_STEPS = 8" in (model_dir / "config_start_4.gin").read_text()
+    assert (model_dir / "config.gin").read_text() == (model_dir / "config_start_4.gin").read_text()
+    code, out = finish(start(str(model_dir), 8))  # same schedule again: nothing to report
+    assert code == 0 and "another schedule" not in out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: room for config and events, not for a checkpoint of the quickstart model."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("a full disk needs a small tmpfs, which only root can mount here")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_at_once_with_one_message(small_disk):
+    model_dir = small_disk / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "olmax.train", "--gin_file=gin/quickstart.gin",
+                             f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=400",
+                             "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=2",
+                             "--gin.train.train.eval_period=0", "--gin.train.train.stats_period=1",
+                             "--gin.utils.SaveCheckpointConfig.period=3"],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code, out = finish(proc)
+    assert code != 0
+    steps = [int(s) for s in re.findall(r"step (\d+)/400", out)]
+    assert steps and max(steps) <= 9  # stopped at the next save or two, not after 400 steps
+    assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
+    (message,) = [line for line in out.splitlines() if line.startswith("olmax.train: ")]
+    assert "Saving a checkpoint" in message and "the disk is full" in message and "rerun the same command" in message
+    assert not [d for d in os.listdir(model_dir) if d.isdigit()]  # the half-written save is never a checkpoint

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from olmax import gin_utils, optim, utils, validation
+from olmax import checkpoints, gin_utils, optim, utils, validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
@@ -248,16 +248,22 @@ def test_eval_and_infer_with_no_readable_checkpoint_left(trained, tmp_path):
     assert proc.stdout == ""
 
 
-def test_closed_event_loop_echo_is_dropped_and_nothing_else():
+def test_closed_event_loop_echo_is_dropped_and_nothing_else(monkeypatch):
+    import threading
     import types
 
     seen = []
-    echo = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"))
-    gin_utils._quiet_closed_loop(seen.append, echo)
-    assert seen == []
-    other = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("something else"))
-    gin_utils._quiet_closed_loop(seen.append, other)
-    assert seen == [other]
+    monkeypatch.setattr(sys, "excepthook", lambda *a: seen.append(a[1]))
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: seen.append(args.exc_value))
+    checkpoints.hide_closed_event_loop_reports()
+    echo, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+    for value in (echo, other):
+        report = types.SimpleNamespace(exc_type=RuntimeError, exc_value=value)
+        sys.excepthook(RuntimeError, value, None)
+        threading.excepthook(report)
+        sys.unraisablehook(report)
+    assert seen == [other, other, other]
 
 
 def test_unset_required_values_are_named():
