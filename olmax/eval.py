@@ -25,18 +25,25 @@ import seqio
 from absl import logging
 from clu import metric_writers
 
-from olmax import checkpoints, gin_utils, models, partitioning, train, utils
+from olmax import checkpoints, gin_utils, models, partitioning, t5x_checkpoints, train, utils
 
 
 def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[int]]:
-    """(directory of checkpoints, the steps to evaluate) for CHECKPOINT_PATH."""
+    """(directory of checkpoints, the steps to evaluate) for CHECKPOINT_PATH.
+
+    Olmax's `<model_dir>/<step>` and T5X's `<model_dir>/checkpoint_<step>` layouts
+    both work (see olmax.t5x_checkpoints).
+    """
     path = os.path.normpath(os.fspath(path))
     base = os.path.basename(path)
     if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
         return os.path.dirname(path), [int(base)]
+    if t5x_checkpoints.step_of(path) is not None:
+        return os.path.dirname(path), [t5x_checkpoints.step_of(path)]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist; point it at a MODEL_DIR or a MODEL_DIR/<step>.")
     steps = sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
+    steps = steps or t5x_checkpoints.steps(path)
     if not steps:
         raise FileNotFoundError(f"No checkpoints (numbered step directories) in CHECKPOINT_PATH={path!r}.")
     if cfg.mode == "all":
@@ -49,10 +56,13 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
 
 
 def load_params(setup: train.TrainSetup, directory: str, step: int):
-    """Restores only the parameters of the checkpoint at `step`."""
+    """Restores only the parameters of the checkpoint at `step` (Olmax's or T5X's layout)."""
+    abstract = checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)
+    t5x_dir = t5x_checkpoints.step_dir(directory, step)
+    if not os.path.isdir(os.path.join(directory, str(step))) and os.path.isdir(t5x_dir):
+        return t5x_checkpoints.read_params(t5x_dir, abstract)
     ckpt = checkpoints.Checkpointer(directory, None, train.run_meta(setup.model, setup.param_shapes))
-    abstract = {"params": checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)}
-    state, _ = ckpt.restore(step, abstract, partial=True)
+    state, _ = ckpt.restore(step, {"params": abstract}, partial=True)
     return state["params"]
 
 

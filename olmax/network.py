@@ -163,7 +163,9 @@ class Stack(nn.Module):
             scanned(cfg, name="layers")(x, ctx)
         params = self.variables["params"]["layers"]
 
-        if decode is not None:  # one cache per layer (see reversible.cached_stack for why)
+        if decode == "init":  # zero caches; the output is the plain forward's
+            self._create_caches(params, x, ctx)
+        elif decode is not None:  # one cache per layer (see reversible.cached_stack for why)
             caches = [self.variable("cache", f"layers_{i}", dict) for i in range(cfg.depth)]
             fns = cached_layer_fns(cfg, decode)
             y, aux, new = reversible.cached_stack(
@@ -171,9 +173,7 @@ class Stack(nn.Module):
             )
             for c, value in zip(caches, new):
                 c.value = value
-            if decode != "init":
-                return y, aux
-            # "init" only created the zero caches; the output is the plain forward's.
+            return y, aux
 
         use_dropout = enable_dropout and cfg.dropout_rate > 0
         key = self.make_rng("dropout") if use_dropout else jax.random.PRNGKey(0)
@@ -182,6 +182,23 @@ class Stack(nn.Module):
         if cfg.reversible:
             return reversible.reversible_stack(fns, params, x, ctx, rngs, layers.zero_aux())
         return reversible.remat_stack(fns, params, x, ctx, rngs, layers.zero_aux())
+
+    def _create_caches(self, params, x: Array, ctx: layers.Context) -> None:
+        """Creates cache `layers_<i>` = {branch: the block's zero cache} for every layer, and,
+        when `cache_axes` is mutable, the same tree of the leaves' logical axes there."""
+        cfg = self.config
+        collections = ["cache", layers.CACHE_AXES_COLLECTION]
+        for i in range(cfg.depth):
+            caches, axes = {}, {}
+            for name, kind in zip(branch_names(cfg), cfg.layer_blocks):
+                p = jax.tree.map(lambda a, i=i: a[i], params[name])
+                _, state = layers.Block(cfg, kind).apply({"params": p}, x, ctx, False, "init", mutable=collections)
+                if state.get("cache"):
+                    caches[name] = state["cache"]
+                    axes[name] = state[layers.CACHE_AXES_COLLECTION]
+            self.variable("cache", f"layers_{i}", dict).value = caches
+            if self.is_mutable_collection(layers.CACHE_AXES_COLLECTION):
+                self.put_variable(layers.CACHE_AXES_COLLECTION, f"layers_{i}", axes)
 
 
 class Olmax(nn.Module):
@@ -238,9 +255,13 @@ class Olmax(nn.Module):
                 "shorten TASK_FEATURE_LENGTHS or raise OlmaxConfig.max_length."
             )
         if mode is not None:
-            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            # A scalar 0, then [b] after a prefill; T5X's beam search hands it back as
+            # [b, beams] for rows flattened batch-major (as its decode attention reads it).
+            index = nn_partitioning.variable_with_axes(
+                "cache", "cache_index", lambda: jnp.zeros((), jnp.int32), axes=(), module=self
+            )
         if mode == "step":  # each row's one new token, at its own position
-            pos = jnp.broadcast_to(index.value, (bsz,)).astype(jnp.int32)
+            pos = jnp.broadcast_to(jnp.reshape(index.value, (-1,)), (bsz,)).astype(jnp.int32)
             ctx = layers.Context(segment_ids=jnp.ones((bsz, 1), jnp.int32), positions=pos[:, None])
             index.value = index.value + 1
         elif mode == "prefill":
@@ -261,7 +282,8 @@ class Olmax(nn.Module):
         embedding = nn_partitioning.param_with_axes(
             "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.features), axes=("vocab", "embed")
         )
-        x = jnp.take(embedding, tokens, axis=0)  # [b,t] -> [b,t,d] fp32
+        # fp32 streams even when the parameters come in bf16 (T5X's infer restores them so).
+        x = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [b,t] -> [b,t,d]
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         x, aux = Stack(cfg, name="decoder")(x, ctx, enable_dropout and mode is None, mode)
         self.sow("intermediates", "moe_aux", aux)
