@@ -55,12 +55,18 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
     return path, [steps[-1]]
 
 
+def checkpoint_dir(directory: str, step: int) -> str:
+    """Olmax's `<directory>/<step>`, or T5X's `<directory>/checkpoint_<step>` when only that exists."""
+    olmax_dir, t5x_dir = os.path.join(directory, str(step)), t5x_checkpoints.step_dir(directory, step)
+    return t5x_dir if not os.path.isdir(olmax_dir) and os.path.isdir(t5x_dir) else olmax_dir
+
+
 def load_params(setup: train.TrainSetup, directory: str, step: int):
     """Restores only the parameters of the checkpoint at `step` (Olmax's or T5X's layout)."""
     abstract = checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)
-    t5x_dir = t5x_checkpoints.step_dir(directory, step)
-    if not os.path.isdir(os.path.join(directory, str(step))) and os.path.isdir(t5x_dir):
-        return t5x_checkpoints.read_params(t5x_dir, abstract)
+    path = checkpoint_dir(directory, step)
+    if t5x_checkpoints.step_of(path) is not None:
+        return t5x_checkpoints.read_params(path, abstract)
     ckpt = checkpoints.Checkpointer(directory, None, train.run_meta(setup.model, setup.param_shapes))
     state, _ = ckpt.restore(step, {"params": abstract}, partial=True)
     return state["params"]
@@ -141,7 +147,7 @@ def evaluate(
         metrics = train.evaluate(model, params, dataset_cfg, partitioner, eval_steps, eval_fn)
         if run_seqio_evaluator:
             metrics.update(_seqio_evaluate(model, params, dataset_cfg, step, output_dir))
-        record = {"step": step, "checkpoint": os.path.join(directory, str(step)),
+        record = {"step": step, "checkpoint": checkpoint_dir(directory, step),
                   "task": dataset_cfg.mixture_or_task_name, "split": dataset_cfg.split, **metrics}
         results.append(record)
         if is_main:

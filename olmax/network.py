@@ -246,7 +246,7 @@ class Olmax(nn.Module):
         cfg = self.config
         del decoder_target_tokens, decoder_causal_attention  # every position is causal (LM)
         del max_decode_length  # the cache length is fixed when the cache is created
-        tokens = jnp.asarray(decoder_input_tokens)
+        tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32)  # T5X eval initializes with float tokens
         bsz, length = tokens.shape
         mode = self._decode_mode(decode, prefill, length)
         if length > cfg.max_length:

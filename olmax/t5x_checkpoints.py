@@ -12,11 +12,10 @@ holds an `olmax.network.Olmax` module), in different layouts:
   CHECKPOINT_PATH (a `checkpoint_<step>` directory, or a T5X MODEL_DIR for its
   latest); `read_params` restores its `target` into the Olmax model's shapes.
 * Olmax -> T5X: `python -m olmax.t5x_checkpoints --checkpoint=MODEL_DIR/<step>
-  --output=DIR` writes DIR/checkpoint_<step> with the parameters and step and no
-  optimizer state (the two optimizer-state trees differ in layout); T5X's infer.py
-  and eval.py restore it with `--gin.utils.RestoreCheckpointConfig.strict=False`
-  (restore the parameters, initialize the rest). Resuming T5X training from it
-  starts its optimizer afresh.
+  --output=DIR` writes DIR/checkpoint_<step> with the parameters and the step and
+  no optimizer state (the two optimizer-state trees differ in layout). T5X's
+  infer.py and eval.py restore only parameters and read it as is (tested);
+  resuming T5X training from it is not supported (no optimizer state).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ tasks that define metric functions. The Olmax tasks are plain LM tasks (`targets
 so tests/test_t5x_interop.py registers this one with MIXTURE_OR_TASK_MODULE:
 
     olmax_next_line   inputs: a line of Python's `textwrap` module, targets: the next
-                      line (bytes). Metrics: exact_match and char_match (both percent).
+                      line (bytes). Metrics: exact_match and char_match (percent, on
+                      predictions) and log_likelihood (mean score of the targets).
 
 Every split holds the same NUM_EXAMPLES pairs, so predictions are deterministic and
 the same for T5X and Olmax.
@@ -55,6 +56,12 @@ def char_match(targets, predictions) -> dict[str, float]:
     return {"char_match": 100.0 * hits / total}
 
 
+def log_likelihood(targets, scores) -> dict[str, float]:
+    """Mean log-likelihood of the targets (a seqio score metric: T5X's eval computes it with score_batch)."""
+    del targets
+    return {"log_likelihood": float(np.mean(scores))}
+
+
 def register() -> seqio.Task:
     vocabulary = seqio.ByteVocabulary()
     features = {
@@ -67,7 +74,7 @@ def register() -> seqio.Task:
         source=seqio.FunctionDataSource(_dataset, splits=("train", "validation", "test")),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         output_features=features,
-        metric_fns=[exact_match, char_match],
+        metric_fns=[exact_match, char_match, log_likelihood],
     )
 
 
