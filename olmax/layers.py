@@ -24,7 +24,8 @@ Cached decoding. Every block also takes `decode`, one of DECODE_MODES:
              and into the cache: the work of one position, not of the prefix.
 Cache leaves are flax variables in the `cache` collection, batch on axis 0, stored
 in `config.dtype` (the dtype the full forward computes in, so that a step repeats
-the full forward's arithmetic). Per block kind:
+the full forward's arithmetic), each created by `cache_variable` with its logical
+axis names (recorded in `cache_axes`, the partitioning T5X reads). Per block kind:
   conv       the last k-1 inputs of each of its two convolutions: `inputs` [b, k-1, d]
              and `hidden` [b, k-1, conv_features];
   axial      the input history `inputs` [b, ceil(L/K) K, d] (stage 1 reads the

@@ -8,7 +8,8 @@ mixer), each branch a Block: SandwichLN(inner) with RMSNorm. The stack is revers
 
 Cached decoding follows T5X's contract (see `Olmax`): the cache lives in the `cache`
 collection as {'cache_index', 'decoder': {'layers_<i>': {<branch>: {<block>: leaves}}}},
-one entry per layer, batch on axis 0 of every leaf.
+one entry per layer, batch on axis 0 of every leaf; creating it with `cache_axes`
+mutable also returns the same tree of logical axis names there.
 """
 from __future__ import annotations
 

@@ -38,6 +38,9 @@ LENGTHS = "{'inputs': 48, 'targets': 48}"
 F32 = "--gin.utils.RestoreCheckpointConfig.dtype='float32'"  # T5X's infer.gin restores bfloat16
 GREEDY = "--gin.decoding.temperature_sample.temperature=0.0"
 BEAM = "--gin.models.DecoderOnlyModel.decode_fn=@decoding.beam_search"
+T5X_GIN = "gin/t5x/olmax_decoder_only.gin"  # relative to the checkout, where every command runs
+T5X_MOE_GIN = "gin/t5x/olmax_moe.gin"
+MODEL_GIN = "gin/models/tiny.gin"  # Olmax's model file of the same network
 
 if not T5X_DIR or not os.path.isfile(os.path.join(T5X_DIR, "t5x", "train.py")):
     pytest.skip(
@@ -89,7 +92,7 @@ def _run(cmd: list[str], env: dict) -> str:
     return log
 
 
-def t5x_train(model_dir: str, steps: int, *flags: str, gin_file: str = "gin/t5x/olmax_decoder_only.gin",
+def t5x_train(model_dir: str, steps: int, *flags: str, gin_file: str = T5X_GIN,
               devices: int = 1) -> str:
     return t5x(
         "train", f"--gin_file={gin_file}", "--gin_file=t5x/configs/runs/pretrain.gin",
@@ -102,7 +105,7 @@ def t5x_train(model_dir: str, steps: int, *flags: str, gin_file: str = "gin/t5x/
 def t5x_infer(checkpoint: str, output_dir: str, *flags: str, devices: int = 1) -> list[dict]:
     """T5X's infer.py on the prefix-LM task; returns its jsonl rows."""
     t5x(
-        "infer", "--gin_file=gin/t5x/olmax_decoder_only.gin", "--gin_file=t5x/configs/runs/infer.gin",
+        "infer", f"--gin_file={T5X_GIN}", "--gin_file=t5x/configs/runs/infer.gin",
         f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.INFER_OUTPUT_DIR='{output_dir}'",
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", "--gin.MIXTURE_OR_TASK_MODULE='t5x_interop_tasks'",
         f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.utils.DatasetConfig.batch_size=8", *flags, devices=devices,
@@ -114,7 +117,7 @@ def t5x_infer(checkpoint: str, output_dir: str, *flags: str, devices: int = 1) -
 def olmax_infer(checkpoint: str, output_dir: str, mode: str, *flags: str) -> list[dict]:
     """olmax.infer on the same task, with the network config of gin/t5x/olmax_decoder_only.gin."""
     olmax(
-        "infer", "--gin_file=gin/models/tiny.gin", "--gin.network.OlmaxConfig.dtype='bfloat16'",
+        "infer", f"--gin_file={MODEL_GIN}", "--gin.network.OlmaxConfig.dtype='bfloat16'",
         f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.INFER_OUTPUT_DIR='{output_dir}'", f"--gin.INFER_MODE='{mode}'",
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", "--gin.MIXTURE_OR_TASK_MODULE='t5x_interop_tasks'",
         f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.utils.DatasetConfig.split='test'", *flags,
@@ -188,7 +191,7 @@ def test_t5x_greedy_and_one_beam_equal_olmax_greedy(run, t5x_greedy):
 def test_t5x_eval_metrics_match_predictions_and_scores(run, t5x_greedy, t5x_scores):
     out = str(run["root"] / "t5x_eval")
     t5x(
-        "eval", "--gin_file=gin/t5x/olmax_decoder_only.gin", "--gin_file=t5x/configs/runs/eval.gin",
+        "eval", f"--gin_file={T5X_GIN}", "--gin_file=t5x/configs/runs/eval.gin",
         f"--gin.CHECKPOINT_PATH='{run['checkpoint']}'", f"--gin.EVAL_OUTPUT_DIR='{out}'",
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", "--gin.MIXTURE_OR_TASK_MODULE='t5x_interop_tasks'",
         f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.utils.DatasetConfig.batch_size=8", GREEDY, F32,
@@ -205,7 +208,7 @@ def test_t5x_eval_metrics_match_predictions_and_scores(run, t5x_greedy, t5x_scor
 def test_olmax_eval_reads_the_t5x_checkpoint(run, t5x_scores):
     out = str(run["root"] / "olmax_eval")
     log = olmax(
-        "eval", "--gin_file=gin/models/tiny.gin", "--gin.network.OlmaxConfig.dtype='bfloat16'",
+        "eval", f"--gin_file={MODEL_GIN}", "--gin.network.OlmaxConfig.dtype='bfloat16'",
         f"--gin.CHECKPOINT_PATH='{run['model_dir']}'", f"--gin.EVAL_OUTPUT_DIR='{out}'",
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", "--gin.MIXTURE_OR_TASK_MODULE='t5x_interop_tasks'",
         f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.utils.DatasetConfig.split='test'", "--gin.BATCH_SIZE=8",
@@ -221,7 +224,7 @@ def test_olmax_eval_reads_the_t5x_checkpoint(run, t5x_scores):
 def test_olmax_checkpoint_scores_the_same_in_t5x(run):
     model_dir, exported = str(run["root"] / "olmax_model"), str(run["root"] / "exported")
     olmax(
-        "train", "--gin_file=gin/models/tiny.gin", "--gin.network.OlmaxConfig.dtype='bfloat16'",
+        "train", f"--gin_file={MODEL_GIN}", "--gin.network.OlmaxConfig.dtype='bfloat16'",
         f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='olmax_stdlib'",
         "--gin.TASK_FEATURE_LENGTHS={'targets': 128}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
         "--gin.train.train.eval_steps=1", "--gin.optim.create_optimizer.warmup_steps=1",
@@ -235,8 +238,8 @@ def test_olmax_checkpoint_scores_the_same_in_t5x(run):
 
 
 def test_t5x_resumes_with_two_way_model_parallelism(run, t5x_scores):
-    """Resume 4 -> 6 steps on 4 CPU devices (data 2 x model 2); then score with T5X's defaults
-    (bfloat16-restored parameters) on the same mesh."""
+    """Resume 4 -> 6 steps on 4 CPU devices (data 2 x model 2); then score and sample with T5X's
+    defaults (bfloat16-restored parameters) on the same mesh."""
     model_dir = str(run["root"] / "resumed")
     shutil.copytree(run["model_dir"], model_dir)
     partitions = "--gin.partitioning.PjitPartitioner.num_partitions=2"
@@ -248,8 +251,9 @@ def test_t5x_resumes_with_two_way_model_parallelism(run, t5x_scores):
                      devices=4)
     # bfloat16 parameters: close to the float32 scores, not equal.
     np.testing.assert_allclose(_scores(bf16), _scores(t5x_scores), rtol=3e-2)
-    beams = t5x_infer(run["checkpoint"], str(run["root"] / "t5x_beam_bf16"), BEAM, partitions, devices=4)
-    assert len(beams) == t5x_interop_tasks.NUM_EXAMPLES and all(r["prediction"] for r in beams)
+    # temperature_sample as the gin file binds it (0.8, top-k 40), on the same mesh.
+    sampled = t5x_infer(run["checkpoint"], str(run["root"] / "t5x_sampled_bf16"), partitions, devices=4)
+    assert len(sampled) == t5x_interop_tasks.NUM_EXAMPLES and sum(len(r["prediction"]) for r in sampled) > 50
 
 
 MOE_CHECK = r"""
@@ -292,5 +296,56 @@ def test_moe_model_class_adds_the_moe_losses(run):
         "moe/lb_loss", "moe/z_loss", "moe/dropped", "moe/max_load"}
     assert dense["ours"] == dense["base"] and not dense["metrics"]
     # And gin/t5x/olmax_moe.gin trains in T5X, logging the MoE metrics.
-    log = t5x_train(str(run["root"] / "moe"), 2, gin_file="gin/t5x/olmax_moe.gin")
+    log = t5x_train(str(run["root"] / "moe"), 2, gin_file=T5X_MOE_GIN)
     assert "moe/lb_loss=" in log and "moe/dropped=" in log
+
+
+BEAM_CHECK = r"""
+import functools, json
+import jax, numpy as np, seqio
+from t5x import decoding, models
+from olmax import network
+
+cfg = network.OlmaxConfig(vocab_size=384, features=32, depth=2, max_length=64, conv_features=32, mixer_block=8,
+                          mixer_heads=2)
+kw = dict(module=network.Olmax(cfg), vocabulary=seqio.ByteVocabulary(), optimizer_def=None)
+beam = models.DecoderOnlyModel(decode_fn=functools.partial(decoding.beam_search, alpha=0.0), **kw)
+greedy = models.DecoderOnlyModel(decode_fn=functools.partial(decoding.temperature_sample, temperature=0.0), **kw)
+length, prompts = 32, np.array([6, 9])
+params = beam.get_initial_variables(jax.random.PRNGKey(0), {"decoder_input_tokens": (2, length)})["params"]
+tokens = np.random.RandomState(0).randint(3, 259, (2, length)).astype(np.int32)
+tokens[:, 0] = 0  # BOS
+causal = (np.arange(length)[None] < prompts[:, None]).astype(np.int32)
+batch = {"decoder_input_tokens": tokens * causal, "decoder_causal_attention": causal,
+         "decoder_target_tokens": tokens * causal}
+decodes, aux = beam.predict_batch_with_aux(params, batch, num_decodes=3, return_all_decodes=True)
+one, _ = beam.predict_batch_with_aux(params, batch, num_decodes=1)
+best, _ = greedy.predict_batch_with_aux(params, batch)
+checked = []
+for b in range(2):
+    for k in range(3):
+        generated, score = np.asarray(decodes)[b, k], float(np.asarray(aux["scores"])[b, k])
+        ends = np.flatnonzero(generated == 1)
+        if score < -1e6 or not len(ends):  # an empty beam slot, or a beam cut at the length
+            continue
+        full = np.concatenate([tokens[b, :prompts[b]], generated])
+        weights = np.zeros(length)
+        weights[prompts[b] - 1: prompts[b] + ends[0]] = 1  # the generated tokens, EOS included
+        full_forward = greedy.score_batch(params, {"decoder_input_tokens": full[None, :length],
+                                                   "decoder_target_tokens": full[None, 1:length + 1],
+                                                   "decoder_loss_weights": weights[None]})
+        checked.append((score, float(full_forward[0])))
+print("BEAM_CHECK " + json.dumps({"checked": checked, "one_beam_is_greedy": bool(np.all(one == best)),
+                                  "shape": list(np.shape(decodes))}))
+"""
+
+
+def test_t5x_beam_search_with_three_beams_scores_equal_full_forward():
+    """T5X's beam search gathers every cache leaf along the batch axis each step; each finished
+    beam's score (alpha=0: its log-likelihood) equals the full forward's score of that sequence."""
+    out = _run([sys.executable, "-c", BEAM_CHECK], _t5x_env())
+    result = json.loads(out.split("BEAM_CHECK ", 1)[1].splitlines()[0])
+    assert result["shape"] == [2, 3, 32] and result["one_beam_is_greedy"]
+    assert len(result["checked"]) >= 2, result
+    for beam_score, full_forward in result["checked"]:
+        assert beam_score == pytest.approx(full_forward, rel=1e-4)
