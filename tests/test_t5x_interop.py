@@ -26,14 +26,11 @@ import sys
 import numpy as np
 import pytest
 
-import t5x_interop_tasks
-
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 T5X_DIR = os.environ.get("OLMAX_T5X_DIR")
-TASK = t5x_interop_tasks.TASK
 LENGTHS = "{'inputs': 48, 'targets': 48}"
 F32 = "--gin.utils.RestoreCheckpointConfig.dtype='float32'"  # T5X's infer.gin restores bfloat16
 GREEDY = "--gin.decoding.temperature_sample.temperature=0.0"
@@ -48,6 +45,10 @@ if not T5X_DIR or not os.path.isfile(os.path.join(T5X_DIR, "t5x", "train.py")):
         "(one with t5x/train.py) to run upstream T5X's binaries on Olmax.",
         allow_module_level=True,
     )
+
+import t5x_interop_tasks  # noqa: E402  (after the skip: it imports tensorflow)
+
+TASK = t5x_interop_tasks.TASK
 
 
 def _env(devices: int = 1) -> dict:
@@ -92,12 +93,12 @@ def _run(cmd: list[str], env: dict) -> str:
     return log
 
 
-def t5x_train(model_dir: str, steps: int, *flags: str, gin_file: str = T5X_GIN,
+def t5x_train(model_dir: str, steps: int, *flags: str, gin_file: str = T5X_GIN, length: int = 128,
               devices: int = 1) -> str:
     return t5x(
         "train", f"--gin_file={gin_file}", "--gin_file=t5x/configs/runs/pretrain.gin",
         f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='olmax_stdlib'",
-        "--gin.MIXTURE_OR_TASK_MODULE='olmax_tasks'", "--gin.TASK_FEATURE_LENGTHS={'targets': 128}",
+        "--gin.MIXTURE_OR_TASK_MODULE='olmax_tasks'", f"--gin.TASK_FEATURE_LENGTHS={{'targets': {length}}}",
         f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=4", "--gin.USE_CACHED_TASKS=False", *flags, devices=devices,
     )
 
@@ -226,7 +227,7 @@ def test_olmax_checkpoint_scores_the_same_in_t5x(run):
     olmax(
         "train", f"--gin_file={MODEL_GIN}", "--gin.network.OlmaxConfig.dtype='bfloat16'",
         f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='olmax_stdlib'",
-        "--gin.TASK_FEATURE_LENGTHS={'targets': 128}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
+        "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
         "--gin.train.train.eval_steps=1", "--gin.optim.create_optimizer.warmup_steps=1",
     )
     out = olmax("t5x_checkpoints", f"--checkpoint={model_dir}/2", f"--output={exported}")
@@ -296,7 +297,7 @@ def test_moe_model_class_adds_the_moe_losses(run):
         "moe/lb_loss", "moe/z_loss", "moe/dropped", "moe/max_load"}
     assert dense["ours"] == dense["base"] and not dense["metrics"]
     # And gin/t5x/olmax_moe.gin trains in T5X, logging the MoE metrics.
-    log = t5x_train(str(run["root"] / "moe"), 2, gin_file=T5X_MOE_GIN)
+    log = t5x_train(str(run["root"] / "moe"), 2, gin_file=T5X_MOE_GIN, length=64)
     assert "moe/lb_loss=" in log and "moe/dropped=" in log
 
 
