@@ -9,7 +9,7 @@ PYTHONPATH, as a T5X user running from a checkout has it.
 One T5X-trained checkpoint (4 steps, gin/t5x/olmax_decoder_only.gin as written:
 reversible stack, bfloat16 compute) is shared by the tests, which check equivalences:
 T5X's scores == olmax.infer's on it; T5X's greedy predictions == olmax.infer's; T5X's
-beam search with one beam == its greedy; T5X eval's seqio metrics == the same metrics of
+beam search with one beam follows its greedy path; T5X eval's seqio metrics == the same metrics of
 those predictions and scores; olmax.eval reads it; an Olmax-trained checkpoint exported
 with olmax.t5x_checkpoints scores the same in T5X; T5X resumes it with 2-way model
 parallelism; the MoE model class adds the MoE losses to T5X's loss.
@@ -181,7 +181,12 @@ def test_t5x_scores_equal_olmax_infer_scores(run, t5x_scores):
 def test_t5x_greedy_and_one_beam_equal_olmax_greedy(run, t5x_greedy):
     beam = t5x_infer(run["checkpoint"], str(run["root"] / "t5x_beam"), BEAM, F32)
     ours = olmax_infer(run["checkpoint"], str(run["root"] / "olmax_greedy"), "predict", "--gin.infer.infer.greedy=True")
-    assert [r["prediction"] for r in beam] == [r["prediction"] for r in t5x_greedy]
+    # One beam follows the greedy path; T5X's beam search also keeps the hypothesis that
+    # ends with EOS where EOS was the runner-up token, and prefers a finished hypothesis to
+    # an unfinished one: its output is the greedy prediction or a prefix of it.
+    pairs = [(b["prediction"], g["prediction"]) for b, g in zip(beam, t5x_greedy)]
+    assert all(g.startswith(b) for b, g in pairs), pairs
+    assert sum(b == g for b, g in pairs) >= 1, pairs
     for theirs, mine in zip(t5x_greedy, ours):
         t, o = theirs["prediction"], mine["prediction"]
         # T5X stops at its max_decode_length (the example's length), olmax.infer at the
