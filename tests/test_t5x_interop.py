@@ -274,7 +274,8 @@ out = {}
 for name, config in (("moe", cfg), ("dense", network.OlmaxConfig(**{**vars(cfg), "num_experts": 0}))):
     module = network.Olmax(config)
     kw = dict(module=module, vocabulary=seqio.ByteVocabulary(), optimizer_def=None, z_loss=1e-4)
-    base, ours = models.DecoderOnlyModel(**kw), t5x_models.OlmaxDecoderOnlyModel(moe_aux_loss=0.01, moe_z_loss=0.001, **kw)
+    base = models.DecoderOnlyModel(**kw)
+    ours = t5x_models.OlmaxDecoderOnlyModel(moe_aux_loss=0.01, moe_z_loss=0.001, **kw)
     targets = np.random.RandomState(0).randint(3, 259, (2, 64)).astype(np.int32)
     batch = {"decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))), "decoder_target_tokens": targets,
              "decoder_loss_weights": np.ones_like(targets)}
