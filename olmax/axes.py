@@ -66,6 +66,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def t5x_additional_rules() -> list[tuple[str, Any]]:
+    """Olmax's rules for upstream T5X: `partitioning.standard_logical_axis_rules.additional_rules`.
+
+    T5X appends them to its own standard rules and flax uses the first rule that
+    names an axis, so names T5X already maps (vocab, embed, mlp, heads, layers) keep
+    T5X's mesh axes; the rest (activation_*, conv_window, mix_lag, expert, norm)
+    get Olmax's. Without them those axes would silently stay replicated, the
+    batch of every activation and decode-cache leaf included.
+    """
+    return [tuple(rule) for rule in DEFAULT_RULES]
+
+
 def logical_axes(variables: Any) -> Any:
     """Tree of logical PartitionSpecs for `variables['params']`, read from `params_axes`.
 

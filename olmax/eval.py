@@ -109,7 +109,7 @@ def evaluate(
         metrics = trainer.evaluate(params, dataset_cfg, partitioner, eval_steps, compiled.eval)
         if run_seqio_evaluator:
             metrics.update(_seqio_evaluate(model, params, dataset_cfg, step, output_dir, compiled.score))
-        record = {"step": step, "checkpoint": os.path.join(directory, str(step)),
+        record = {"step": step, "checkpoint": trainer.checkpoint_dir(directory, step),
                   "task": dataset_cfg.mixture_or_task_name, "split": dataset_cfg.split, **metrics}
         results.append(record)
         if is_main:

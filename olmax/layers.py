@@ -24,7 +24,8 @@ Cached decoding. Every block also takes `decode`, one of DECODE_MODES:
              and into the cache: the work of one position, not of the prefix.
 Cache leaves are flax variables in the `cache` collection, batch on axis 0, stored
 in `config.dtype` (the dtype the full forward computes in, so that a step repeats
-the full forward's arithmetic). Per block kind:
+the full forward's arithmetic), each created by `cache_variable` with its logical
+axis names (recorded in `cache_axes`, the partitioning T5X reads). Per block kind:
   conv       the last k-1 inputs of each of its two convolutions: `inputs` [b, k-1, d]
              and `hidden` [b, k-1, conv_features];
   axial      the input history `inputs` [b, ceil(L/K) K, d] (stage 1 reads the
@@ -119,15 +120,30 @@ def shift_right(x: Array, lag: int, axis: int = 1) -> Array:
 # ------------------------------------------------------------------- decode cache
 
 
-def cache_variable(module: nn.Module, decode: str, name: str, shape: tuple[int, ...], dtype) -> nn.Variable:
+CACHE_AXES_COLLECTION = "cache_axes"
+
+
+def cache_variable(
+    module: nn.Module, decode: str, name: str, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...] | None = None
+) -> nn.Variable:
     """The block's cache leaf `name`: created as zeros of `shape` when decode == "init",
-    required to exist otherwise."""
+    required to exist otherwise.
+
+    `axes` are the leaf's logical axis names (from olmax.axes.ACTIVATION_AXES, None for
+    a replicated axis); default: batch on axis 0, the rest replicated. They are the one
+    source of the cache's partitioning: every write is constrained to them, and they
+    are recorded in the `cache_axes` collection (leaf `<name>_axes`) as flax's
+    `variable_with_axes` does, where T5X looks for them.
+    """
     if decode != "init" and not module.has_variable("cache", name):
         raise ValueError(
             f"decode={decode!r} needs the decode cache, which is missing: create it first with "
             "module.apply({'params': params}, tokens[batch, max_length], decode=True, mutable=['cache'])."
         )
-    return module.variable("cache", name, jnp.zeros, shape, dtype)
+    axes = ("activation_batch",) + (None,) * (len(shape) - 1) if axes is None else tuple(axes)
+    if len(axes) != len(shape):
+        raise ValueError(f"Cache leaf {name!r} has shape {shape} but logical axes {axes}; give one name per axis.")
+    return nn_partitioning.variable_with_axes("cache", name, jnp.zeros, shape, dtype, axes=axes, module=module)
 
 
 def last_positions(x: Array, lengths: Array, n: int) -> Array:
@@ -238,8 +254,9 @@ class ConvBlock(nn.Module):
         k_in, k_out = k_in.astype(cfg.dtype), k_out.astype(cfg.dtype)
         act = activation(cfg.activation)
         if decode is not None:
-            inputs = cache_variable(self, decode, "inputs", (x.shape[0], w - 1, d), cfg.dtype)
-            hidden = cache_variable(self, decode, "hidden", (x.shape[0], w - 1, f), cfg.dtype)
+            bsz, window = x.shape[0], ("activation_batch", None)
+            inputs = cache_variable(self, decode, "inputs", (bsz, w - 1, d), cfg.dtype, window + ("activation_embed",))
+            hidden = cache_variable(self, decode, "hidden", (bsz, w - 1, f), cfg.dtype, window + ("activation_mlp",))
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
             if decode == "step":
@@ -309,8 +326,9 @@ class AxialMixer(nn.Module):
 
         n = -(-length // k)
         if decode is not None:
-            inputs = cache_variable(self, decode, "inputs", (bsz, n * k, d), cfg.dtype)
-            mixed = cache_variable(self, decode, "mixed", (bsz, k - 1, d), cfg.dtype)
+            history, window = ("activation_batch", "activation_length", "activation_embed"), ("activation_batch", None)
+            inputs = cache_variable(self, decode, "inputs", (bsz, n * k, d), cfg.dtype, history)
+            mixed = cache_variable(self, decode, "mixed", (bsz, k - 1, d), cfg.dtype, window + ("activation_embed",))
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
             if decode == "step":
@@ -404,8 +422,10 @@ class Attention(nn.Module):
         }
         wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
         if decode is not None:
-            cached_k = cache_variable(self, decode, "keys", (x.shape[0], x.shape[1], h, c), cfg.dtype)
-            cached_v = cache_variable(self, decode, "values", (x.shape[0], x.shape[1], h, c), cfg.dtype)
+            kv_shape = (x.shape[0], x.shape[1], h, c)
+            kv_axes = ("activation_batch", "activation_length", "activation_heads", None)
+            cached_k = cache_variable(self, decode, "keys", kv_shape, cfg.dtype, kv_axes)
+            cached_v = cache_variable(self, decode, "values", kv_shape, cfg.dtype, kv_axes)
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
         q, k, v = (jnp.einsum("btd,de->bte", x, proj[n]).reshape(*x.shape[:2], h, c) for n in ("wq", "wk", "wv"))

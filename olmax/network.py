@@ -8,7 +8,8 @@ mixer), each branch a Block: SandwichLN(inner) with RMSNorm. The stack is revers
 
 Cached decoding follows T5X's contract (see `Olmax`): the cache lives in the `cache`
 collection as {'cache_index', 'decoder': {'layers_<i>': {<branch>: {<block>: leaves}}}},
-one entry per layer, batch on axis 0 of every leaf.
+one entry per layer, batch on axis 0 of every leaf; creating it with `cache_axes`
+mutable also returns the same tree of logical axis names there.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class OlmaxConfig:
     max_length: int = 2048  # longest sequence the mixer has filters for
     # "recall" (Olmax: axial recall mixer), "axial" (the seed's MLP-Mixer, fixed filters)
     # or "attention" (transformer baseline).
-    mixer: str = "axial"
+    mixer: str = "recall"
     reversible: bool = True  # False: plain residual + remat
     norm: str = "rms"  # "rms" or "layer"
     placement: str = "sandwich"  # "sandwich" (norm before and after f) or "pre"
@@ -168,7 +169,9 @@ class Stack(nn.Module):
             scanned(cfg, name="layers")(x, ctx)
         params = self.variables["params"]["layers"]
 
-        if decode is not None:  # one cache per layer (see reversible.cached_stack for why)
+        if decode == "init":  # zero caches; the output is the plain forward's
+            self._create_caches(params, x, ctx)
+        elif decode is not None:  # one cache per layer (see reversible.cached_stack for why)
             caches = [self.variable("cache", f"layers_{i}", dict) for i in range(cfg.depth)]
             fns = cached_layer_fns(cfg, decode)
             y, aux, new = reversible.cached_stack(
@@ -176,9 +179,7 @@ class Stack(nn.Module):
             )
             for c, value in zip(caches, new):
                 c.value = value
-            if decode != "init":
-                return y, aux
-            # "init" only created the zero caches; the output is the plain forward's.
+            return y, aux
 
         use_dropout = enable_dropout and cfg.dropout_rate > 0
         key = self.make_rng("dropout") if use_dropout else jax.random.PRNGKey(0)
@@ -187,6 +188,23 @@ class Stack(nn.Module):
         if cfg.reversible:
             return reversible.reversible_stack(fns, params, x, ctx, rngs, layers.zero_aux())
         return reversible.remat_stack(fns, params, x, ctx, rngs, layers.zero_aux())
+
+    def _create_caches(self, params, x: Array, ctx: layers.Context) -> None:
+        """Creates cache `layers_<i>` = {branch: the block's zero cache} for every layer, and,
+        when `cache_axes` is mutable, the same tree of the leaves' logical axes there."""
+        cfg = self.config
+        collections = ["cache", layers.CACHE_AXES_COLLECTION]
+        for i in range(cfg.depth):
+            caches, axes = {}, {}
+            for name, kind in zip(branch_names(cfg), cfg.layer_blocks):
+                p = jax.tree.map(lambda a, i=i: a[i], params[name])
+                _, state = layers.Block(cfg, kind).apply({"params": p}, x, ctx, False, "init", mutable=collections)
+                if state.get("cache"):
+                    caches[name] = state["cache"]
+                    axes[name] = state[layers.CACHE_AXES_COLLECTION]
+            self.variable("cache", f"layers_{i}", dict).value = caches
+            if self.is_mutable_collection(layers.CACHE_AXES_COLLECTION):
+                self.put_variable(layers.CACHE_AXES_COLLECTION, f"layers_{i}", axes)
 
 
 class Olmax(nn.Module):
@@ -234,7 +252,7 @@ class Olmax(nn.Module):
         cfg = self.config
         del decoder_target_tokens, decoder_causal_attention  # every position is causal (LM)
         del max_decode_length  # the cache length is fixed when the cache is created
-        tokens = jnp.asarray(decoder_input_tokens)
+        tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32)  # T5X eval initializes with float tokens
         bsz, length = tokens.shape
         mode = self._decode_mode(decode, prefill, length)
         if length > cfg.max_length:
@@ -243,9 +261,13 @@ class Olmax(nn.Module):
                 "shorten TASK_FEATURE_LENGTHS or raise OlmaxConfig.max_length."
             )
         if mode is not None:
-            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            # A scalar 0, then [b] after a prefill; T5X's beam search hands it back as
+            # [b, beams] for rows flattened batch-major (as its decode attention reads it).
+            index = nn_partitioning.variable_with_axes(
+                "cache", "cache_index", lambda: jnp.zeros((), jnp.int32), axes=(), module=self
+            )
         if mode == "step":  # each row's one new token, at its own position
-            pos = jnp.broadcast_to(index.value, (bsz,)).astype(jnp.int32)
+            pos = jnp.broadcast_to(jnp.reshape(index.value, (-1,)), (bsz,)).astype(jnp.int32)
             ctx = layers.Context(segment_ids=jnp.ones((bsz, 1), jnp.int32), positions=pos[:, None])
             index.value = index.value + 1
         elif mode == "prefill":
@@ -266,7 +288,8 @@ class Olmax(nn.Module):
         embedding = nn_partitioning.param_with_axes(
             "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.features), axes=("vocab", "embed")
         )
-        x = jnp.take(embedding, tokens, axis=0)  # [b,t] -> [b,t,d] fp32
+        # fp32 streams even when the parameters come in bf16 (T5X's infer restores them so).
+        x = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [b,t] -> [b,t,d]
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         x, aux = Stack(cfg, name="decoder")(x, ctx, enable_dropout and mode is None, mode)
         self.sow("intermediates", "moe_aux", aux)

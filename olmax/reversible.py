@@ -123,6 +123,9 @@ def reversible_stack(layer: LayerFns, params, x: Array, ctx, rngs: Array, aux0: 
     reversible gradient is tested against.
     """
     run = _reversible if custom_gradient else _scan_forward
+    # A plain dict of the branches: the backward pass builds one, and custom_vjp needs the
+    # cotangent's container to match the primal's (T5X hands in FrozenDicts).
+    params = {name: params[name] for name in layer.names}
     y1, y2, aux = run(layer, params, x, x, ctx, rngs, aux0)
     return (y1 + y2) * 0.5, aux
 

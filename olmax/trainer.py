@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from olmax import axes, checkpoints, models, multihost, optim, partitioning, utils
+from olmax import axes, checkpoints, models, multihost, optim, partitioning, t5x_checkpoints, utils
 
 
 def check_batch(batch_size: int, partitioner: partitioning.PjitPartitioner, microbatches: int = 1) -> None:
@@ -273,16 +273,27 @@ def checkpoint_path(cfg: utils.RestoreCheckpointConfig, model_dir: str | None) -
 
 
 def step_dirs(path: str) -> list[int]:
-    """The steps of the complete checkpoints (numbered directories with a state) in `path`, sorted."""
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
+    """The steps of the complete checkpoints in `path`, sorted: Olmax's numbered directories
+    with a state, else T5X's `checkpoint_<step>` ones (olmax.t5x_checkpoints)."""
+    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state")))
+    return steps or t5x_checkpoints.steps(path)
+
+
+def checkpoint_dir(directory: str, step: int) -> str:
+    """Olmax's `<directory>/<step>`, or T5X's `<directory>/checkpoint_<step>` when only that exists."""
+    olmax_dir, t5x_dir = os.path.join(directory, str(step)), t5x_checkpoints.step_dir(directory, step)
+    return t5x_dir if not os.path.isdir(olmax_dir) and os.path.isdir(t5x_dir) else olmax_dir
 
 
 def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[int]]:
-    """(directory of checkpoints, the steps to read) for CHECKPOINT_PATH and `cfg.mode`."""
+    """(directory of checkpoints, the steps to read) for CHECKPOINT_PATH and `cfg.mode`; Olmax's
+    `<model_dir>/<step>` and T5X's `<model_dir>/checkpoint_<step>` layouts both work."""
     path = os.path.normpath(os.fspath(path))
     base = os.path.basename(path)
     if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
         return os.path.dirname(path), [int(base)]
+    if t5x_checkpoints.step_of(path) is not None:
+        return os.path.dirname(path), [t5x_checkpoints.step_of(path)]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist; point it at a MODEL_DIR or a MODEL_DIR/<step>.")
     steps = step_dirs(path)
@@ -309,8 +320,12 @@ def checkpoint_candidates(path: str, cfg: utils.RestoreCheckpointConfig) -> tupl
 def load_params(setup: TrainSetup, directory: str, steps: Sequence[int],
                 when_none_left: str = "no earlier checkpoint is left") -> tuple[int, Any]:
     """(step, params) of the first readable checkpoint among `steps`, parameters only, into
-    their shardings; unreadable ones are named and skipped (checkpoints.restore_params)."""
+    their shardings; unreadable ones are named and skipped (checkpoints.restore_params). A
+    T5X checkpoint (`checkpoint_<step>`) is read as it is, without a fallback."""
     abstract = checkpoints.abstract_like(setup.param_shapes, setup.param_shardings)
+    path = checkpoint_dir(directory, steps[0])
+    if t5x_checkpoints.step_of(path) is not None:
+        return steps[0], t5x_checkpoints.read_params(path, abstract)
     return checkpoints.restore_params(directory, run_meta(setup.model, setup.param_shapes), abstract, steps,
                                       when_none_left)
 

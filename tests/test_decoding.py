@@ -136,7 +136,7 @@ def test_t5x_calling_contract():
     # Creating the cache through init leaves the parameters exactly as a plain init makes them.
     plain = jax.jit(lambda r: module.init(r, tok, tok, enable_dropout=False))(rng)
     with_cache = jax.jit(lambda r: module.init(r, tok, tok, decode=True, enable_dropout=False))(rng)
-    assert set(with_cache) == {"params", "params_axes", "cache"}
+    assert set(with_cache) == {"params", "params_axes", "cache", "cache_axes"}
     assert jax.tree.structure(plain["params"]) == jax.tree.structure(with_cache["params"])
     for x, y in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(with_cache["params"])):
         np.testing.assert_array_equal(x, y)
@@ -170,10 +170,12 @@ def test_t5x_calling_contract():
     assert all(v.shape[0] == b for v in leaves.values())
     np.testing.assert_array_equal(index[("cache_index",)], inputs_lengths)  # [b], batch first too
 
-    # T5X: num_decodes > 1 expands every cache leaf (cache_index too, once prefilled) along axis 0.
+    # T5X: num_decodes > 1 expands every cache leaf along axis 0; its beam search leaves
+    # cache_index as [b, beams] (T5X's own decode attention flattens it), sampling as [b * beams].
     expand = 2
     expanded = flax.traverse_util.unflatten_dict(
         {k: jnp.repeat(v, expand, axis=0) for k, v in flax.traverse_util.flatten_dict(cache).items()})
+    beams = dict(expanded, cache_index=jnp.repeat(cache["cache_index"], expand).reshape(b, expand))
 
     @jax.jit
     def tokens_to_logits(params, cache, flat_ids):  # T5X's _compute_logits_from_slice
@@ -190,7 +192,44 @@ def test_t5x_calling_contract():
         np.testing.assert_allclose(logits[:, 0], ref[np.arange(b), pos], atol=ATOL, rtol=0)
         logits_x, expanded = tokens_to_logits(params, expanded, np.repeat(flat_ids, expand, axis=0))
         np.testing.assert_allclose(logits_x, np.repeat(logits, expand, axis=0), atol=1e-5, rtol=0)
+        logits_b, beams = tokens_to_logits(params, beams, np.repeat(flat_ids, expand, axis=0))
+        np.testing.assert_allclose(logits_b, logits_x, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(cache["cache_index"], inputs_lengths + 4)
+    np.testing.assert_array_equal(beams["cache_index"], np.repeat(inputs_lengths + 4, expand).reshape(b, expand))
+
+
+@pytest.mark.parametrize("mixer", ["axial", "attention"])
+def test_cache_axes_partition_the_cache(mixer):
+    """Every cache leaf has logical axes in `cache_axes` (the tree T5X maps over the cache), and
+    under a mesh and Olmax's rules the created cache is sharded by them: batch over `data`."""
+    from flax.linen import partitioning as nn_partitioning
+    from jax.sharding import PartitionSpec as P
+
+    from olmax import axes
+
+    module = network.Olmax(dataclasses.replace(BASE, mixer=mixer, **MOE))
+    b, tok = 8, jnp.ones((8, LENGTH), jnp.int32)
+    variables = jax.jit(lambda r: module.init(r, tok, tok, decode=True, enable_dropout=False))(jax.random.PRNGKey(0))
+    cache_axes = flax.core.unfreeze(nn_partitioning.get_axis_names(variables["cache_axes"]))
+    # T5X's _compute_kv_cache: tree_map(with_sharding_constraint, cache, get_axis_names(cache_axes)).
+    named = jax.tree.map(lambda leaf, spec: (leaf.shape, tuple(spec)), variables["cache"], cache_axes)
+    flat = flax.traverse_util.flatten_dict(named)
+    assert flat.pop(("cache_index",)) == ((), ())
+    assert len(flat) == 4 * BASE.depth  # two leaves per conv and per mixer, none for MoE
+    for path, (shape, names) in flat.items():
+        assert len(names) == len(shape) and names[0] == "activation_batch", path
+        assert set(names) - {None} <= set(axes.ACTIVATION_AXES), path
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    params = jax.device_put(variables["params"], jax.sharding.NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh), nn_partitioning.axis_rules(axes.DEFAULT_RULES):  # as olmax's partitioner does
+        _, state = jax.jit(lambda p: module.apply({"params": p}, tok, decode=True, enable_dropout=False,
+                                                   mutable=["cache"]))(params)
+    for path, leaf in flax.traverse_util.flatten_dict(state["cache"]).items():
+        if path[-1] != "cache_index":
+            assert leaf.shape[0] == b and leaf.sharding.spec[0] == "data", (path, leaf.sharding)
+    hidden = state["cache"]["decoder"]["layers_0"]["conv_0"]["conv"]["hidden"]  # [b, k-1, conv_features]
+    assert hidden.sharding.spec == P("data", None, "model")
 
 
 def test_decode_errors_name_the_fix():

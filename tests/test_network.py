@@ -143,6 +143,32 @@ def test_reversible_gradient_equals_autodiff():
         np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-5)
 
 
+def test_params_as_t5x_hands_them():
+    """T5X passes FrozenDict parameters (train) and restores them as bfloat16 (infer): the reversible
+    stack's custom gradient keeps the FrozenDict structure, and bf16 parameters keep fp32 streams."""
+    import flax
+
+    cfg = dataclasses.replace(BASE, reversible=True, dtype=jnp.bfloat16)
+    module = network.Olmax(cfg)
+    tok = jax.random.randint(jax.random.PRNGKey(1), (2, LENGTH), 2, cfg.vocab_size)
+    params = module.init(jax.random.PRNGKey(0), tok, tok, enable_dropout=False)["params"]
+
+    def loss(p):
+        return jnp.mean(jnp.square(module.apply({"params": p}, tok, enable_dropout=False)))
+
+    g_dict = jax.jit(jax.grad(loss))(params)
+    g_frozen = jax.jit(jax.grad(loss))(flax.core.freeze(params))
+    assert isinstance(g_frozen, flax.core.FrozenDict)
+    for a, b in zip(jax.tree.leaves(g_dict), jax.tree.leaves(flax.core.unfreeze(g_frozen))):
+        np.testing.assert_array_equal(a, b)
+
+    apply = jax.jit(lambda p: module.apply({"params": p}, tok, enable_dropout=False))
+    bf16 = apply(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    f32 = apply(params)
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_allclose(bf16, f32, atol=0.1 * float(jnp.std(f32)))
+
+
 def _grad_temp_bytes(cfg, batch=4, length=1024):
     module = network.Olmax(cfg)
     tok = jax.ShapeDtypeStruct((batch, length), jnp.int32)

@@ -32,7 +32,7 @@ def test_another_optimizer_factory_logs_nothing_instead_of_nan():
 
 
 def test_restore_mode_is_validated():
-    with pytest.raises(ValueError, match=r"mode='lastest' is not one of \('latest', 'specific', 'all'\)"):
+    with pytest.raises(ValueError, match=r"mode = 'lastest' is not one of 'latest', 'specific', 'all'"):
         utils.RestoreCheckpointConfig(mode="lastest")
     with pytest.raises(ValueError, match="needs a step"):
         utils.RestoreCheckpointConfig(mode="specific")
