@@ -583,10 +583,14 @@ def mfu(s: Sizes, out: str) -> Section:
 RUNNERS = {"memory": memory, "throughput": throughput, "quality": quality, "ablations": ablations, "mfu": mfu}
 
 
+# Sections with their own commands (benchmarks/recall.py, benchmarks/t5x_peer.py), summarized too.
+OTHER_SECTIONS = ("recall", "t5x_quality", "t5x_speed")
+
+
 def write_summary(out: str) -> str:
     """summary.md: every target of every section whose json is in `out`."""
     sections = []
-    for name in SECTIONS:
+    for name in SECTIONS + OTHER_SECTIONS:
         path = os.path.join(out, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -596,7 +600,7 @@ def write_summary(out: str) -> str:
     lines = [
         "# Olmax benchmarks: summary", "",
         f"Hardware: {common.hardware_line(hw)}.", "",
-        "Sections (each from its own run of `python -m benchmarks.run`; see its .md for details):", "",
+        "Sections (each from its own command; see its .md for details):", "",
     ]
     for s in sections:
         c = s["context"]
