@@ -115,7 +115,9 @@ def directory_settings(binary_args: Sequence[str]) -> dict[str, str]:
     for arg in binary_args:
         if arg.startswith("--gin_file="):
             path = arg.split("=", 1)[1]
-            path = next((p for p in (path, os.path.join(REPO, path)) if os.path.isfile(p)), None)
+            # As the binaries find it: the working directory, the checkout, then the package (olmax/gin/...).
+            candidates = (path, os.path.join(REPO, path), os.path.join(REPO, "olmax", path))
+            path = next((p for p in candidates if os.path.isfile(p)), None)
             if path:
                 for key, value in _BINDING.findall(open(path).read()):
                     found[key] = _unquote(value.split("#")[0].strip())

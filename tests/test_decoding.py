@@ -245,8 +245,14 @@ def test_decode_errors_name_the_fix():
         apply({"params": params}, tok, prefill=True)
     with pytest.raises(ValueError, match=r"\[batch, 1\]"):
         apply({"params": params, "cache": cache}, tok, decode=True)
+    # The recall mixer's cache has a fixed size (window + state): any prompt fits. The axial
+    # mixer's and attention's grow with the length the cache was created for.
+    longer = jnp.ones((2, 9), jnp.int32)
+    assert apply({"params": params, "cache": cache}, longer, prefill=True)[0].shape == (2, 9, BASE.vocab_size)
+    axial = network.Olmax(dataclasses.replace(BASE, mixer="axial"))
+    axial_vars = jax.eval_shape(lambda: axial.init(jax.random.PRNGKey(0), tok, tok, decode=True, enable_dropout=False))
     with pytest.raises(ValueError, match="cache holds 8"):
-        apply({"params": params, "cache": cache}, jnp.ones((2, 9), jnp.int32), prefill=True)
+        jax.eval_shape(lambda v, t: axial.apply(v, t, mutable=["cache"], prefill=True), axial_vars, longer)
     with pytest.raises(ValueError, match="max_length"):
         decoding.generate(module, params, tok, 8, jax.random.PRNGKey(0), max_new_tokens=BASE.max_length)
     with pytest.raises(ValueError, match="top_p"):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from olmax import checkpoints, eval as eval_lib, t5x_checkpoints, utils
+from olmax import checkpoints, t5x_checkpoints, trainer, utils
 
 
 def _params(scale=1.0):
@@ -38,10 +38,10 @@ def test_export_then_read_back_and_find_steps(tmp_path):
 
     # olmax.eval / olmax.infer find the T5X layout from a checkpoint or a MODEL_DIR.
     cfg = utils.RestoreCheckpointConfig()
-    assert eval_lib.checkpoint_steps(out, cfg) == (str(tmp_path / "t5x"), [7])
-    assert eval_lib.checkpoint_steps(str(tmp_path / "t5x"), cfg) == (str(tmp_path / "t5x"), [7])
-    assert eval_lib.checkpoint_dir(str(tmp_path / "t5x"), 7) == out
-    assert eval_lib.checkpoint_dir(str(tmp_path / "olmax"), 7) == str(tmp_path / "olmax" / "7")
+    assert trainer.checkpoint_steps(out, cfg) == (str(tmp_path / "t5x"), [7])
+    assert trainer.checkpoint_steps(str(tmp_path / "t5x"), cfg) == (str(tmp_path / "t5x"), [7])
+    assert trainer.checkpoint_dir(str(tmp_path / "t5x"), 7) == out
+    assert trainer.checkpoint_dir(str(tmp_path / "olmax"), 7) == str(tmp_path / "olmax" / "7")
 
 
 def test_layout_errors_name_the_problem(tmp_path):
