@@ -4,7 +4,7 @@
     python -m benchmarks.decode_speed --quick    # tiny sizes, checks the output (CI smoke, < 30 s)
 
 For each total length N (prompt N/2, the rest generated; mixer block K = sqrt(N)) and
-each mixer (axial, attention) on the same small model, one jitted function per path
+each mixer (recall, axial, attention) on the same small model, one jitted function per path
 runs init + prefill + a greedy loop whose number of steps is a runtime argument.
 Per-step time = (time(n2 steps) - time(n1 steps)) / (n2 - n1), min over repeats, the
 two paths alternating so that both see the same machine state. Both paths use fixed
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test; writes nowhere unless --out")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--mixers", nargs="+", default=["axial", "attention"])
+    parser.add_argument("--mixers", nargs="+", default=["recall", "axial", "attention"])
     parser.add_argument("--features", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
