@@ -156,14 +156,14 @@ class Checkpointer:
                 f"Checkpoint {where} was trained with vocab_size={meta.get('vocab_size')} but the model has "
                 f"vocab_size={self.meta.get('vocab_size')}; use the same vocabulary and OlmaxConfig.vocab_size."
             )
-        saved, want = meta.get("shapes", {}), self.meta.get("shapes", {})
-        for name in sorted(set(saved) | set(want)):
-            if saved.get(name) != want.get(name):
-                raise CheckpointMismatchError(
-                    f"Checkpoint {where} does not match the model: parameter {name} has shape "
-                    f"{saved.get(name)} in the checkpoint and {want.get(name)} in the model "
-                    "(missing = None). Use the gin model file the checkpoint was trained with."
-                )
+        mismatch = first_shape_mismatch(meta.get("shapes", {}), self.meta.get("shapes", {}))
+        if mismatch:
+            name, saved, want = mismatch
+            raise CheckpointMismatchError(
+                f"Checkpoint {where} does not match the model: parameter {name} has shape "
+                f"{saved} in the checkpoint and {want} in the model "
+                "(missing = None). Use the gin model file the checkpoint was trained with."
+            )
 
     def restore(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[Any, dict]:
         """Restores `step` into the shapes/shardings of `abstract_state` (ShapeDtypeStructs).
@@ -230,6 +230,15 @@ class Checkpointer:
         os.rename(src, dst)
         self.manager.reload()
         return dst
+
+
+def first_shape_mismatch(have: dict, want: dict) -> tuple[str, Any, Any] | None:
+    """(name, shape here, shape wanted) of the first parameter whose shapes differ (None =
+    missing), by name, or None when all agree. have, want: {name: shape}."""
+    for name in sorted(set(have) | set(want)):
+        if have.get(name) != want.get(name):
+            return name, have.get(name), want.get(name)
+    return None
 
 
 class NoReadableCheckpointError(FileNotFoundError):

@@ -28,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 
+from olmax import checkpoints
+
 PREFIX = "checkpoint_"
 _STEP_DIR = re.compile(rf"^{PREFIX}(\d+)$")
 
@@ -68,14 +70,14 @@ def read_params(path: str, abstract_params: Any) -> Any:
     saved = checkpointer.metadata(state_dir).item_metadata.tree
     if "target" not in saved:
         raise ValueError(f"{path} is not a T5X checkpoint: its state has no 'target' (keys {sorted(saved)}).")
-    have, want = _shapes(saved["target"]), _shapes(abstract_params)
-    for name in sorted(set(have) | set(want)):
-        if have.get(name) != want.get(name):
-            raise ValueError(
-                f"T5X checkpoint {path} does not match the model: parameter {name} has shape {have.get(name)} "
-                f"there and {want.get(name)} in the model (None = missing). Use the network.OlmaxConfig of the "
-                "gin/t5x file it was trained with."
-            )
+    mismatch = checkpoints.first_shape_mismatch(_shapes(saved["target"]), _shapes(abstract_params))
+    if mismatch:
+        name, have, want = mismatch
+        raise ValueError(
+            f"T5X checkpoint {path} does not match the model: parameter {name} has shape {have} "
+            f"there and {want} in the model (None = missing). Use the network.OlmaxConfig of the "
+            "gin/t5x file it was trained with."
+        )
     item = {"target": abstract_params}
     restored = checkpointer.restore(
         state_dir,
