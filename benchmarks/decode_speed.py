@@ -1,6 +1,7 @@
 """Decoding speed: cached incremental decoding vs recomputing the full sequence per token.
 
     python -m benchmarks.decode_speed            # lengths 256, 1024, 4096 -> benchmarks/results/decode_speed.md
+    python -m benchmarks.decode_speed --lengths 256 1024   # the committed table (4096 takes long here)
     python -m benchmarks.decode_speed --quick    # tiny sizes, checks the output (CI smoke, < 30 s)
 
 For each total length N (prompt N/2, the rest generated; mixer block K = sqrt(N)) and
@@ -158,8 +159,8 @@ def main(argv=None) -> None:
                 "Tokens/s over the whole batch in the steady state of generation; prompt N/2; "
                 "prefill s: the cached path's cache creation + prefill of the prompt.\n\n"
                 f"Hardware: {hardware}\n\n{text}\n\n"
-                "Reading it: a cached step costs O((N/K + K) d) per layer with the axial mixer, flat in N "
-                "at these sizes (the small model's step is dominated by per-op overhead), and O(N d) with "
+                "Reading it: a cached step costs O(K d + h F c) per layer with the recall mixer (its window "
+                "and state), O((N/K + K) d) with the axial mixer, flat in N at these sizes (the small model's step is dominated by per-op overhead), and O(N d) with "
                 "attention (its keys and values are read every step); recomputation costs a full forward, "
                 "O(N^1.5 d) resp. O(N^2 d), per token. On a shared machine the absolute numbers move with "
                 "the load; compare within a row (the two paths alternate).\n"

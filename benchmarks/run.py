@@ -213,7 +213,7 @@ def memory(s: Sizes, out: str) -> Section:
             "deterministic; nothing is run (so the programs are compiled without LLVM's optimizations, which "
             "do not change buffer assignment).",
             f"Model: features {s.mem_features}, conv_features {cfg.conv_features}, mixer_block {cfg.mixer_block}, "
-            f"4 mixer groups, axial mixer, byte vocabulary; batch {s.mem_batch} x length {s.mem_length}, fp32.",
+            f"4 heads, {cfg.mixer} mixer, byte vocabulary; batch {s.mem_batch} x length {s.mem_length}, fp32.",
             "reversible and remat: `DecoderOnlyLM.loss_fn` with `reversible=True` / `False` (network.Stack remats "
             "each layer). plain: the same forward rebuilt from `network.layer_fns` and "
             "`reversible.remat_stack(..., remat=False)` (plain autodiff, every activation stored), since the "
