@@ -75,8 +75,9 @@ def run(cmd: list[str], corpus: str, log) -> float:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    log(f"    {os.path.basename(cmd[0])} {cmd[1]} ... done in {time.perf_counter() - start:.0f} s")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    log(f"    {os.path.basename(cmd[0])} {cmd[1]} ... done in {seconds:.0f} s")
+    return seconds
 
 
 def scalars(model_dir: str, collection: str) -> dict[str, list[tuple[int, float]]]:
