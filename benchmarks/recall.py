@@ -1,18 +1,21 @@
 """Recall: multi-query associative recall (olmax_recall tasks) for the recall mixer, the
 seed's axial MLP-Mixer and attention, at equal steps on the same batches.
 
-    python -m benchmarks.recall [--points 8x256,32x256,64x256,8x1024,32x1024,64x1024] [--steps N]
+    python -m benchmarks.recall [--points 8x256,32x256,64x256,8x1024,32x1024,64x1024] [--steps N] [--merge]
 
 Each point trains the three models (same width, depth, recipe; interleaved in chunks)
 on `olmax_recall_{P}x{L}` and scores the held-out rows' answer positions: accuracy and
 bits per answer token (perfect recall: 0; guessing among the 64 values: 6).
-Writes benchmarks/results/recall.{md,json,png}.
+Writes benchmarks/results/recall.{md,json,png} after every round of chunks (the point in
+progress at the models' last common step), so a run that is stopped keeps what it measured;
+--merge keeps the points of recall.json that this run does not re-measure.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -77,7 +80,7 @@ def score(trainee: common.Trainee, val: list[dict], pairs: int) -> tuple[float, 
     return hits / count, bits / count
 
 
-def run_point(pairs: int, length: int, s: Setup, log, mixers=MIXERS) -> dict:
+def run_point(pairs: int, length: int, s: Setup, log, on_progress, mixers=MIXERS) -> dict:
     task = f"olmax_recall_{pairs}x{length}"
     batch = max(1, s.batch * 256 // length)  # equal tokens per step at every length
     train = common.task_batches(task, "train", batch, length, shuffle=True)
@@ -91,6 +94,7 @@ def run_point(pairs: int, length: int, s: Setup, log, mixers=MIXERS) -> dict:
     trainees = [common.Trainee(m, config(m, length, s), (batch, length), answers_only, [],
                                learning_rate=s.learning_rate, warmup_steps=s.warmup_steps) for m in mixers]
     rows = {t.name: {"params": t.params, "curve": []} for t in trainees}
+    point = {"pairs": pairs, "length": length, "batch": batch, "task": task, "models": rows}
     order = list(trainees)
     while any(t.step < s.steps for t in trainees):
         for t in order:
@@ -100,10 +104,21 @@ def run_point(pairs: int, length: int, s: Setup, log, mixers=MIXERS) -> dict:
             log(f"  {task} {t.name:9s} step {t.step:5d}  answer accuracy {acc:.3f}  bits/token {bits:.3f}  "
                 f"({t.seconds:.0f} s, load {common.load():.1f})")
         order.reverse()
-    for t in trainees:
-        rows[t.name].update(accuracy=rows[t.name]["curve"][-1][1], bits=rows[t.name]["curve"][-1][2],
-                            step_s=float(np.median(t.step_times)))
-    return {"pairs": pairs, "length": length, "batch": batch, "task": task, "models": rows}
+        for t in trainees:
+            rows[t.name]["step_s"] = float(np.median(t.step_times))
+        on_progress(finish(point))
+    return finish(point)
+
+
+def finish(point: dict) -> dict:
+    """The point as measured so far: every model's figures at the models' last common step."""
+    models = point["models"]
+    common_step = min(r["curve"][-1][0] for r in models.values())
+    out = dict(point, steps=common_step, models={})
+    for name, r in models.items():
+        curve = [c for c in r["curve"] if c[0] <= common_step]
+        out["models"][name] = dict(r, curve=curve, accuracy=curve[-1][1], bits=curve[-1][2])
+    return out
 
 
 def section(points: list[dict], s: Setup) -> common.Section:
@@ -111,26 +126,27 @@ def section(points: list[dict], s: Setup) -> common.Section:
     for p in points:
         m = p["models"]
         gaps.append(m["recall"]["bits"] - m["attention"]["bits"])
-        rows.append([p["task"]] + [v for k in MIXERS for v in (m[k]["accuracy"], m[k]["bits"])] + [gaps[-1]])
+        rows.append([p["task"], p.get("steps", s.steps)] + [v for k in MIXERS for v in (m[k]["accuracy"], m[k]["bits"])] + [gaps[-1]])
     cfg = config("recall", 256, s)
     params = ", ".join(f"{k} {v['params']:,}" for k, v in points[0]["models"].items())
     return common.Section(
         name="recall",
         title="Recall: multi-query associative recall at equal steps",
-        header=["task"] + [f"{m} {q}" for m in MIXERS for q in ("accuracy", "bits/token")] + ["recall - attention bits"],
+        header=["task", "steps"] + [f"{m} {q}" for m in MIXERS for q in ("accuracy", "bits/token")] + ["recall - attention bits"],
         rows=rows,
         targets=[common.Target("recall mixer within 0.05 bits/token of attention at every point", "<= +0.05",
                                f"worst {max(gaps):+.3f}", max(gaps) <= 0.05)],
         notes=[
             f"Models: features {s.features}, depth {s.depth}, conv_features {cfg.conv_features}, {s.heads} heads, "
             f"K = sqrt(N) rounded to a power of two, reversible, fp32; parameters at length 256: {params}.",
-            f"Recipe: {s.steps} steps of {s.batch * 256} tokens (batch {s.batch} x 256; fewer, longer rows at 1024), "
+            f"Recipe: each point's steps (column) of {s.batch * 256} tokens (batch {s.batch} x 256; fewer, longer rows at 1024), "
             f"AdamW + AGC, LR {s.learning_rate} after {s.warmup_steps} warm-up steps, constant; loss on the answer "
             "positions only (Zoology's protocol: the other tokens are random or filler); the same batches "
             "for every model, trained in interleaved chunks of {s.chunk} steps.".replace("{s.chunk}", str(s.chunk)),
             f"Scored on {s.val_rows} held-out rows per point, answer positions only (`olmax.tasks.answer_mask`): "
             "argmax accuracy and bits per answer token (perfect recall 0; guessing among the 64 values 6).",
-        ],
+        ] + [f"{p['task']}: `{p.get('command', '(earlier run)')}`" + (f"; {p['note']}" if p.get("note") else "")
+             for p in points],
         plots=["recall.png"],
         data={"setup": dataclasses.asdict(s), "points": points},
     )
@@ -158,24 +174,38 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--mixers", default=",".join(MIXERS), help="a subset, for exploration (tables need all three)")
     parser.add_argument("--lr", type=float, default=Setup.learning_rate)
+    parser.add_argument("--merge", action="store_true", help="keep recall.json's other points in the table")
     parser.add_argument("--recall_features", type=int, default=Setup.recall_features)
     args = parser.parse_args(argv)
     s = Setup(steps=args.steps, learning_rate=args.lr, recall_features=args.recall_features)
     start, load0 = time.perf_counter(), common.load()
     log = functools.partial(print, flush=True)
     command = "python -m benchmarks.recall" + "".join(f" {a}" for a in (argv if argv is not None else []))
-    points = []
-    for spec in args.points.split(","):
-        pairs, length = (int(v) for v in spec.split("x"))
-        points.append(run_point(pairs, length, s, log, tuple(args.mixers.split(","))))
-        if len(points[-1]["models"]) < len(MIXERS):
-            continue
+    done = []
+    if args.merge and os.path.exists(os.path.join(args.out, "recall.json")):
+        with open(os.path.join(args.out, "recall.json")) as f:
+            done = json.load(f)["data"]["points"]
+    specs = [tuple(int(v) for v in spec.split("x")) for spec in args.points.split(",")]
+    done = [p for p in done if (p["pairs"], p["length"]) not in specs]
+    for p in done:
+        p.setdefault("command", "(earlier run)")
+    measured: list[dict] = []
+
+    def write(progress: dict | None = None) -> None:
+        points = done + measured + ([dict(progress, command=command)] if progress else [])
+        points = sorted((p for p in points if len(p["models"]) == len(MIXERS)), key=lambda p: (p["length"], p["pairs"]))
+        if not points:
+            return
         os.makedirs(args.out, exist_ok=True)
         plot(points, args.out)
         context = {"command": command, "seconds": time.perf_counter() - start, "load": (load0, common.load()),
                    "hardware": common.hardware()}
-        log(common.write_section(args.out, section(points, s), context))
+        common.write_section(args.out, section(points, s), context)
 
+    for pairs, length in specs:
+        measured.append(dict(run_point(pairs, length, s, log, write, tuple(args.mixers.split(","))), command=command))
+        write()
+    log(open(os.path.join(args.out, "recall.md")).read() if measured else "nothing measured")
 
 if __name__ == "__main__":
     import sys
