@@ -194,15 +194,17 @@ def test_reversible_memory_is_constant_in_depth():
     assert rev[16] < remat[16]
 
 
-def test_layer_numpy_references():
+@pytest.mark.parametrize("out", [5, 3], ids=["stacked_inputs", "shifted_outputs"])  # i <= o, i > o
+def test_causal_conv_numpy_reference(out):
     rng = np.random.RandomState(0)
-    b, t, d, k = 2, 19, 4, 3
+    b, t, d, k = 3, 19, 4, 3
     x = rng.randn(b, t, d).astype(np.float32)
-    kernel = rng.randn(k, d, 5).astype(np.float32)
+    kernel = rng.randn(k, d, out).astype(np.float32)
     seg = np.ones((b, t), np.int32)
     seg[1, 9:] = 2
+    seg[2] = [1, 2, 2, 3, 4, 4, 4, 5, 5, 5, 5, 5, 6, 7, 7, 7, 7, 0, 0]  # segments of 1-5 tokens, padding
     ctx = layers.Context(segment_ids=jnp.asarray(seg), positions=jnp.zeros((b, t), jnp.int32))
-    ref = np.zeros((b, t, 5), np.float32)
+    ref = np.zeros((b, t, out), np.float32)
     for bi in range(b):
         for ti in range(t):
             for lag in range(k):
