@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax.linen import partitioning as nn_partitioning
 
 from olmax import layers
+from olmax import mixers
 from olmax import reversible
 
 Array = jax.Array
@@ -98,6 +99,35 @@ def _choice(name: str, value: Any, valid: tuple) -> None:
         raise ValueError(f"OlmaxConfig.{name}={value!r} is not one of {valid}.")
 
 
+BLOCKS = {"conv": layers.ConvBlock, "moe": layers.MoE}
+
+
+class Block(nn.Module):
+    """One residual branch f(x): the inner block wrapped in its norms.
+
+    placement="sandwich": post_norm(inner(pre_norm(x))); placement="pre": inner(pre_norm(x)).
+    """
+
+    config: OlmaxConfig
+    kind: str
+
+    @nn.compact
+    def __call__(
+        self, x: Array, ctx: layers.Context, enable_dropout: bool = False, decode: str | None = None
+    ) -> tuple[Array, dict]:
+        cfg = self.config
+        if decode not in layers.DECODE_MODES:
+            raise ValueError(f"decode={decode!r} is not one of {layers.DECODE_MODES}.")
+        inner = mixers.MIXERS[cfg.mixer] if self.kind == "mixer" else BLOCKS[self.kind]
+        y = layers.Norm(cfg, name="pre_norm")(x.astype(cfg.dtype))
+        y, aux = inner(cfg, name=self.kind)(y, ctx, decode)
+        if cfg.placement == "sandwich":
+            y = layers.Norm(cfg, name="post_norm")(y)
+        y = nn.Dropout(cfg.dropout_rate, deterministic=not enable_dropout)(y)
+        y = nn.with_logical_constraint(y, ("activation_batch", "activation_length", "activation_embed"))
+        return y.astype(jnp.float32), aux
+
+
 def branch_names(config: OlmaxConfig) -> tuple[str, ...]:
     """Stable parameter names of a layer's branches, e.g. ('conv_0', 'mixer_1')."""
     return tuple(f"{kind}_{i}" for i, kind in enumerate(config.layer_blocks))
@@ -107,7 +137,7 @@ def layer_fns(config: OlmaxConfig, enable_dropout: bool = False) -> reversible.L
     """One layer's branches as pure functions (branch params, x, ctx, rng) -> (f(x), aux)."""
 
     def branch(kind: str):
-        module = layers.Block(config, kind)
+        module = Block(config, kind)
 
         def fn(p, x, ctx, rng):
             return module.apply({"params": p}, x, ctx, enable_dropout, rngs={"dropout": rng})
@@ -121,7 +151,7 @@ def cached_layer_fns(config: OlmaxConfig, decode: str) -> reversible.LayerFns:
     """One layer's branches for cached decoding: (branch params, cache, x, ctx) -> (f(x), aux, cache)."""
 
     def branch(kind: str):
-        module = layers.Block(config, kind)
+        module = Block(config, kind)
 
         def fn(p, cache, x, ctx):
             variables = {"params": p, "cache": cache} if cache else {"params": p}
@@ -141,7 +171,7 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, ctx: layers.Context) -> tuple[Array, None]:
         for name, kind in zip(branch_names(self.config), self.config.layer_blocks):
-            y, _ = layers.Block(self.config, kind, name=name)(x, ctx)
+            y, _ = Block(self.config, kind, name=name)(x, ctx)
             x = x + y
         return x, None
 
@@ -198,7 +228,7 @@ class Stack(nn.Module):
             caches, axes = {}, {}
             for name, kind in zip(branch_names(cfg), cfg.layer_blocks):
                 p = jax.tree.map(lambda a, i=i: a[i], params[name])
-                _, state = layers.Block(cfg, kind).apply({"params": p}, x, ctx, False, "init", mutable=collections)
+                _, state = Block(cfg, kind).apply({"params": p}, x, ctx, False, "init", mutable=collections)
                 if state.get("cache"):
                     caches[name] = state["cache"]
                     axes[name] = state[layers.CACHE_AXES_COLLECTION]

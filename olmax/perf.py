@@ -12,7 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from olmax import layers, network
+from olmax import mixers, network
 
 # Dense bf16 peak FLOP/s per chip from vendor datasheets.
 DATASHEET_PEAK = {
@@ -43,7 +43,7 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
             per_layer += 2 * d * (n_blocks + 2 * cfg.mixer_block)  # token mixing (both axes)
         elif cfg.mixer == "recall":
             k, h, r = cfg.mixer_block, cfg.num_heads, cfg.recall_features
-            states = h * layers.taylor_size(r) * (d // h)  # one token into or out of a [F, c] state per head
+            states = h * mixers.taylor_size(r) * (d // h)  # one token into or out of a [F, c] state per head
             n_blocks = -(-length // k)
             per_layer += 2 * (4 * d * d + 2 * d * h * r)  # projections
             per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; block n-1's older half

@@ -300,7 +300,6 @@ def main(argv) -> None:
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
-    import gin
     import jax
 
     from olmax import gin_utils, optim, partitioning, perf

@@ -1,6 +1,6 @@
 """The layer stack: reversible (custom_vjp over a scan) or plain residual with remat.
 
-A layer is a sequence of residual branches f_1..f_n (olmax.layers.Block). Both stacks
+A layer is a sequence of residual branches f_1..f_n (olmax.network.Block). Both stacks
 run the same pure function per branch over parameters stacked along a leading
 `layers` axis:
 

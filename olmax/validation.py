@@ -53,7 +53,7 @@ def integer(value: Any, name: str, *, minimum: int | None = None, macro: str | N
         hint = ""
         if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
                 and float(value).is_integer():
-            hint = f" (a float: 1e1-style numbers are floats in Gin)"
+            hint = " (a float: 1e1-style numbers are floats in Gin)"
             example = int(value)
         raise ValueError(f"{label} = {value!r} is not a whole number{hint}; set an integer{at_least}, "
                          f"e.g. {flag}={example}.")

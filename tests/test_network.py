@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from olmax import layers, network, reversible
+from olmax import layers, mixers, network, reversible
 
 BASE = network.OlmaxConfig(
     vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
@@ -216,7 +216,7 @@ def test_causal_conv_numpy_reference(out):
 def test_axial_mixer_matches_dense_reference():
     """The blocked O(N^1.5) computation equals the dense two-stage causal filter."""
     cfg = dataclasses.replace(BASE, features=4, mixer_heads=2, mixer_block=4, max_length=24, activation="relu")
-    mixer = layers.AxialMixer(cfg)
+    mixer = mixers.AxialMixer(cfg)
     rng = np.random.RandomState(0)
     t = 22
     x = rng.randn(1, t, 4).astype(np.float32)
@@ -272,7 +272,7 @@ def test_axial_recall_matches_dense_reference():
     ql, kl = (rng.randn(b, t, h, r).astype(np.float32) for _ in range(2))
     seg = np.ones((b, t), np.int32)
     seg[1, 9:20], seg[1, 20:] = 2, 0
-    got = layers.axial_recall(*map(jnp.asarray, (q, k, v, ql, kl, seg)), block)
+    got = mixers.axial_recall(*map(jnp.asarray, (q, k, v, ql, kl, seg)), block)
     np.testing.assert_allclose(got, _dense_recall(q, k, v, ql, kl, seg, block), rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,385 @@
+"""Olmax's token mixers, the one branch of a layer that moves information along the
+sequence (`OlmaxConfig.mixer`), all on the grid [n_blocks, K] (t = n K + k, K = mixer_block)
+or, for the baseline, over every position:
+
+  recall     RecallMixer, the default: exact softmax attention over the last K positions
+             plus Taylor-kernel linear attention over everything older, read from per-block
+             states: recalls by content at O(N^1.5) (axial_recall).
+  axial      AxialMixer, the seed's MLP-Mixer: two learned causal lag filters, along the
+             block axis then the offset axis, with an activation between; input-independent.
+  attention  Attention, causal multi-head softmax attention with rotary positions: the O(N^2)
+             baseline.
+
+They follow the block contract of olmax/layers.py (x [b, t, d], Context, decode mode) and
+its einsum letters. Their decode caches:
+  recall     the last K keys, values and recall keys [b, K, h, *] and the recall state
+             [b, h, F, c] with its normalizer [b, h, F] (fp32): constant size;
+  axial      the input history `inputs` [b, ceil(L/K) K, d] (stage 1 reads the
+             positions t, t-K, t-2K, ...: O(L/K d)) and the last K-1 values of
+             act(u) `mixed` [b, K-1, d] (stage 2's window: O(K d));
+  attention  `keys` and `values` [b, L, heads, head_dim], rotary applied at their
+             positions.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from olmax.layers import (Array, Context, activation, cache_variable, fan_in_normal, last_positions,
+                          pad_to, param_with_axes, shift_right, slide, write_position, zero_aux)
+
+if TYPE_CHECKING:  # network.py defines the config and imports this module.
+    from olmax.network import OlmaxConfig
+
+
+# ----------------------------------------------------------------------- axial mixer
+
+
+def lag_matrix(lags: Array, size: int, offset: int = 0) -> Array:
+    """Causal Toeplitz matrix M[i, j] = lags[i - j + offset] where 0 <= i - j + offset < len(lags).
+
+    lags: [L, h] -> [size, size, h]. With offset=0 it is lower triangular (lag 0 on
+    the diagonal); with offset=size it is the strictly-upper part that reaches back
+    into the previous block.
+    """
+    i = jnp.arange(size)[:, None]
+    j = jnp.arange(size)[None, :]
+    lag = i - j + offset
+    valid = (lag >= 0) & (lag < lags.shape[0])
+    m = jnp.take(lags, jnp.clip(lag, 0, lags.shape[0] - 1), axis=0)  # [size, size, h]
+    return jnp.where(valid[..., None], m, 0.0)
+
+
+class AxialMixer(nn.Module):
+    """Causal axial MLP-Mixer with a full receptive field in one layer, O(N^1.5).
+
+    The padded sequence is viewed as a grid [n_blocks, K] (t = n*K + k). Two learned
+    token-mixing contractions with a per-position nonlinearity between them:
+
+      1. along the block axis (the grid's columns): u[t] = sum_m a[m] x[t - m*K], m < n_blocks
+      2. along the offset axis, as a sliding window: y[t] = sum_l b[l] act(u)[t - l], l < K
+
+    Every lag t - s in [0, N) is l + m*K for exactly one (l, m), so output t depends
+    on every input s <= t already in one layer, and on nothing after t. Weights are
+    per channel group (h) and depend on the lag only, not on absolute positions:
+    the mixer is shift-equivariant, so a packed segment is mixed exactly as it would
+    be alone (plus a mask on every pair that crosses a segment boundary), and a
+    decode step needs only past inputs, never a recomputation.
+
+    Cost per layer: O(N * (n_blocks + 2K) * d), i.e. O(N^1.5 d) at K = sqrt(N).
+    A decode step caches the input history (stage 1 reads t, t-K, t-2K, ...) and the
+    last K-1 values of act(u) (stage 2's window): O((N/K + K) d), one position's work.
+    """
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
+        cfg = self.config
+        bsz, length, d = x.shape
+        k, h = cfg.mixer_block, cfg.mixer_heads
+        max_blocks = -(-cfg.max_length // k)
+        # [lags, h]: lag 0 starts near identity so a fresh layer passes local signal on.
+        a = param_with_axes("block_lags", lag_init(max_blocks), (max_blocks, h), axes=("mix_lag", "heads"))
+        b = param_with_axes("offset_lags", lag_init(k), (k, h), axes=("mix_lag", "heads"))
+        bias = param_with_axes("bias", nn.initializers.zeros, (d,), axes=("norm",))
+        a, b, bias = a.astype(cfg.dtype), b.astype(cfg.dtype), bias.astype(cfg.dtype).reshape(h, d // h)
+        act = activation(cfg.activation)
+
+        n = -(-length // k)
+        if decode is not None:
+            history, window = ("activation_batch", "activation_length", "activation_embed"), ("activation_batch", None)
+            inputs = cache_variable(self, decode, "inputs", (bsz, n * k, d), cfg.dtype, history)
+            mixed = cache_variable(self, decode, "mixed", (bsz, k - 1, d), cfg.dtype, window + ("activation_embed",))
+            if decode == "init":
+                return jnp.zeros_like(x), zero_aux()
+            if decode == "step":
+                return self.step(inputs, mixed, x, ctx.positions[:, 0], a, b, bias), zero_aux()
+
+        pad = n * k - length
+        xg = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(bsz, n, k, h, d // h)
+        # Padding gets segment -1: distinct from every real segment and from id 0.
+        seg = jnp.pad(ctx.segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, n, k)
+
+        # 1. Block axis: [b,n,k,h,c] -> [b,n,k,h,c], mixing block m into block n >= m.
+        col = lag_matrix(a[:n], n)  # [n, m, h]
+        same = (seg[:, :, None, :] == seg[:, None, :, :]).astype(cfg.dtype)  # [b,n,m,k]
+        u = act(jnp.einsum("nmh,bnmk,bmkhc->bnkhc", col, same, xg) + bias)
+
+        # 2. Offset axis, sliding: block n from its own offsets j <= k and from the
+        #    previous block's offsets j > k (lags K-1 .. 1 reaching back across the edge).
+        own = lag_matrix(b, k)  # [k, j, h]
+        prev = lag_matrix(b, k, offset=k)  # [k, j, h]
+        u_prev = shift_right(u, 1)  # block n-1 at n
+        seg_prev = shift_right(seg, 1) + jnp.where(jnp.arange(n) == 0, -2, 0)[None, :, None]
+        same_own = (seg[..., :, None] == seg[..., None, :]).astype(cfg.dtype)  # [b,n,k,j]
+        same_prev = (seg[..., :, None] == seg_prev[..., None, :]).astype(cfg.dtype)
+        y = jnp.einsum("kjh,bnkj,bnjhc->bnkhc", own, same_own, u) + jnp.einsum(
+            "kjh,bnkj,bnjhc->bnkhc", prev, same_prev, u_prev
+        )
+        if decode == "prefill":
+            inputs.value = pad_to(x, inputs.value.shape[1], "axial mixer")
+            mixed.value = last_positions(u.reshape(bsz, n * k, d), ctx.prefill_lengths, k - 1)
+        return y.reshape(bsz, n * k, d)[:, :length], zero_aux()
+
+    def step(
+        self, inputs: nn.Variable, mixed: nn.Variable, x: Array, t: Array, a: Array, b: Array, bias: Array
+    ) -> Array:
+        """One position t [bsz] per row: x [bsz, 1, d] -> y [bsz, 1, d], reading and updating the cache."""
+        bsz, _, d = x.shape
+        k, h = b.shape
+        hist = inputs.value = write_position(inputs.value, x, t)  # [b, n K, d]
+        n = hist.shape[1] // k
+        # 1. u[t] = sum_m a[m] x[t - m K]: one column of the grid, O(n d).
+        src = t[:, None] - k * jnp.arange(n)[None, :]  # [b, m]
+        col = jnp.take_along_axis(hist, jnp.clip(src, 0, hist.shape[1] - 1)[..., None], axis=1)  # [b,m,d]
+        col = jnp.where((src >= 0)[..., None], col, jnp.zeros((), col.dtype)).reshape(bsz, n, h, d // h)
+        u = activation(self.config.activation)(jnp.einsum("mh,bmhc->bhc", a[:n], col) + bias)
+        # 2. y[t] = sum_l b[l] act(u)[t - l]: the window act(u)[t-K+1 .. t], O(K d).
+        window = slide(mixed, u.reshape(bsz, 1, d)).reshape(bsz, k, h, d // h)
+        return jnp.einsum("jh,bjhc->bhc", b[::-1], window).reshape(bsz, 1, d)
+
+
+def lag_init(num_lags: int):
+    """Token-mixing filter init: lag 0 near 1, other lags small so early and late
+    positions (which sum over different numbers of lags) stay on the same scale."""
+
+    def init(key, shape, dtype=jnp.float32):
+        w = jax.random.normal(key, shape, dtype) / math.sqrt(num_lags)
+        return w.at[0].add(1.0)
+
+    return init
+
+
+# ------------------------------------------------------------------------- attention
+
+
+def rotary(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Array:
+    """Rotary position embedding. x: [b, t, h, c], positions: [b, t]."""
+    half = x.shape[-1] // 2
+    freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None, None].astype(jnp.float32) * freq  # [b,t,1,half]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with rotary positions: the transformer baseline mixer.
+
+    A decode step caches keys and values [b, L, heads, head_dim] (rotary applied at
+    their positions) and attends over the cache: O(L d) per position.
+    """
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
+        cfg = self.config
+        d, h = cfg.features, cfg.num_heads
+        c = d // h
+        init = fan_in_normal((0,))
+        proj = {
+            n: param_with_axes(n, init, (d, d), axes=("embed", "heads")).astype(cfg.dtype) for n in ("wq", "wk", "wv")
+        }
+        wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
+        if decode is not None:
+            kv_shape = (x.shape[0], x.shape[1], h, c)
+            kv_axes = ("activation_batch", "activation_length", "activation_heads", None)
+            cached_k = cache_variable(self, decode, "keys", kv_shape, cfg.dtype, kv_axes)
+            cached_v = cache_variable(self, decode, "values", kv_shape, cfg.dtype, kv_axes)
+            if decode == "init":
+                return jnp.zeros_like(x), zero_aux()
+        q, k, v = (jnp.einsum("btd,de->bte", x, proj[n]).reshape(*x.shape[:2], h, c) for n in ("wq", "wk", "wv"))
+        q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
+        if decode == "step":  # one query per row at t = positions[:, 0], keys from the cache
+            t = ctx.positions[:, 0]
+            k = cached_k.value = write_position(cached_k.value, k, t)  # [b,s,h,c]
+            v = cached_v.value = write_position(cached_v.value, v, t)
+            mask = (jnp.arange(k.shape[1])[None, :] <= t[:, None])[:, None, :]  # [b,1,s]
+        else:
+            if decode == "prefill":
+                cached_k.value = pad_to(k, cached_k.value.shape[1], "attention")
+                cached_v.value = pad_to(v, cached_v.value.shape[1], "attention")
+            s = jnp.arange(x.shape[1])
+            mask = (s[:, None] >= s[None, :])[None] & (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :])
+        logits = jnp.einsum("bthc,bshc->bhts", q, k).astype(jnp.float32) / math.sqrt(c)
+        logits = jnp.where(mask[:, None], logits, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bhts,bshc->bthc", probs, v).reshape(x.shape)
+        return jnp.einsum("bte,ed->btd", out, wo), zero_aux()
+
+
+# --------------------------------------------------------------- axial recall mixer
+
+
+def taylor_features(x: Array) -> Array:
+    """phi(x) with phi(q) . phi(k) = 1 + s + s^2 / 2, s = q . k / sqrt(r): the second-order
+    Taylor expansion of exp(s), positive everywhere (>= 1/2), so it can normalize.
+
+    x: [..., r] -> [..., F], F = 1 + r + r (r + 1) / 2, fp32. The quadratic term keeps each
+    pair i <= j once: x_i^2 / sqrt(2 r) on the diagonal, x_i x_j / sqrt(r) above it.
+    """
+    x = x.astype(jnp.float32)
+    r = x.shape[-1]
+    i, j = (jnp.asarray(a) for a in np.triu_indices(r))
+    scale = jnp.where(i == j, 1.0 / math.sqrt(2.0 * r), 1.0 / math.sqrt(r))
+    quad = x[..., i] * x[..., j] * scale
+    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / r**0.25, quad], axis=-1)
+
+
+def taylor_size(r: int) -> int:
+    """F, the number of Taylor features of r recall features."""
+    return 1 + r + r * (r + 1) // 2
+
+
+def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array, block: int) -> Array:
+    """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
+
+    q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
+    seg: [b, t] segment ids (contiguous segments, as packing makes them) -> [b, t, h, c].
+
+    Output t is the sum of two normalized reads of the values v[s], s <= t, same segment:
+      window  softmax(q_t . k_s / sqrt(c)) over the last K positions (lags 0..K-1): the
+              offset axis, exact attention, computed from block n and block n-1;
+      recall  phi(ql_t) . phi(kl_s) (Taylor kernel, linear attention) over every older
+              position (lags >= K): block n-1's offsets j <= k pairwise, and blocks
+              <= n-2 through per-block states sum_s phi(kl_s) v_s^T [F, c]: the block axis.
+    Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = taylor_size(r): O(N^1.5) at K = sqrt(N).
+    Internally heads lead ([b, h, n, K, ...]) so every contraction is a batched matmul.
+    """
+    bsz, length, h, c = q.shape
+    r = ql.shape[-1]
+    n = -(-length // block)
+    pad = n * block - length
+
+    def grid(a: Array) -> Array:  # [b, t, h, e] -> [b, h, n, K, e]
+        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(bsz, n, block, h, a.shape[-1])
+        return jnp.transpose(a, (0, 3, 1, 2, 4))
+
+    q, k, v, ql, kl = map(grid, (q, k, v, ql, kl))
+    # Padding gets segment -1: distinct from every real segment and from id 0.
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, n, block)
+    k_prev, v_prev, kl_prev = (shift_right(a, 1, axis=2) for a in (k, v, kl))  # block n-1 at n
+    seg_prev = shift_right(seg, 1, axis=2) + jnp.where(jnp.arange(n) == 0, -2, 0)[:, None]
+    i = jnp.arange(block)
+    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,n,k,j] lag k-j
+    same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
+    in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
+
+    # Window: softmax over block n-1 (j > k) and its own block (j <= k) together, fp32.
+    keys, values = jnp.concatenate([k_prev, k], axis=3), jnp.concatenate([v_prev, v], axis=3)  # [b,h,n,2K,c]
+    logits = jnp.einsum("bhnkc,bhnjc->bhnkj", q, keys).astype(jnp.float32) / math.sqrt(c)
+    allowed = jnp.concatenate([same_prev & in_window, same_own], axis=-1)  # the diagonal always is
+    p = jax.nn.softmax(jnp.where(allowed, logits, -1e30), axis=-1).astype(v.dtype)
+    y = jnp.einsum("bhnkj,bhnjc->bhnkc", p, values)
+
+    # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
+    s = jnp.einsum("bhnkr,bhnjr->bhnkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
+    kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window)
+    num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v_prev.astype(jnp.float32))
+    den = jnp.sum(kern, axis=-1)
+    # Recall from blocks m <= n-2: each block's state holds its tokens of the segment that
+    # is open at the block's end (`last`); a query reads it only if its own segment is that
+    # one and already open at block n-1's end (contiguous segments make this exact).
+    last = seg[..., -1]  # [b,1,n]
+    fk = taylor_features(kl) * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
+    states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v.astype(jnp.float32))
+    norms = jnp.sum(fk, axis=3)  # [b,h,n,F]
+    last_prev = seg_prev[..., -1]  # last[n-1]
+    m = jnp.arange(n)
+    use = (m[None, :] <= m[:, None] - 2) & (last[..., None, :] == last_prev[..., :, None])  # [b,1,n,m]
+    use = use.astype(jnp.float32)
+    states = jnp.einsum("bxnm,bhmfc->bhnfc", use, states)  # what block n's queries read
+    norms = jnp.einsum("bxnm,bhmf->bhnf", use, norms)
+    fq = taylor_features(ql) * (seg == last_prev[..., None])[..., None]  # [b,h,n,k,F]
+    num += jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
+    den += jnp.einsum("bhnkf,bhnf->bhnk", fq, norms)
+    y = y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype)
+    return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
+
+
+class RecallMixer(nn.Module):
+    """Axial recall mixer: content-addressed token mixing at O(N^1.5), Olmax's default mixer.
+
+    The fixed lag filters of the AxialMixer cannot look a value up by its key. This mixer
+    keeps the same grid but mixes by content (see `axial_recall`): exact softmax attention
+    over a sliding window of K positions (the offset axis), and a Taylor-kernel linear
+    attention over everything older, read from per-block states (the block axis). Both
+    are normalized reads of the same values; heads `num_heads`, recall features
+    `recall_features` per head. Strictly causal, full causal receptive field in one layer
+    (the kernel is >= 1/2 for every pair), packed segments mixed as if alone.
+
+    A decode step keeps the last K keys, values and recall keys [b, K, h, *] and the recall
+    state [b, h, F, c] with its normalizer [b, h, F] (fp32): the position leaving the
+    window is added to the state, the new one enters it. O(K c + F c) per head and token.
+    """
+
+    config: OlmaxConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
+        cfg = self.config
+        bsz, length, d = x.shape
+        h, r, block = cfg.num_heads, cfg.recall_features, cfg.mixer_block
+        c = d // h
+        init = fan_in_normal((0,))
+        names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r}
+        w = [param_with_axes(n, init, (d, e), axes=("embed", "heads")) for n, e in names.items()]
+        wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
+        if decode is not None:
+            shapes = {"keys": c, "values": c, "recall_keys": r}
+            window = {n: cache_variable(self, decode, n, (bsz, block, h, e), cfg.dtype) for n, e in shapes.items()}
+            feats = taylor_size(r)
+            state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32)
+            norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
+            if decode == "init":
+                return jnp.zeros_like(x), zero_aux()
+        # One matmul for the five projections: [b,t,d] -> [b,t,3d + 2hr] -> q, k, v, ql, kl.
+        proj = jnp.einsum("btd,de->bte", x, jnp.concatenate(w, axis=1).astype(cfg.dtype))
+        splits = list(itertools.accumulate(names.values()))[:-1]
+        q, k, v, ql, kl = (a.reshape(bsz, length, h, -1) for a in jnp.split(proj, splits, axis=-1))
+        q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
+        if decode == "step":
+            y = recall_step(window, state, norm, q, k, v, ql, kl, ctx.positions[:, 0])
+        else:
+            y = axial_recall(q, k, v, ql, kl, ctx.segment_ids, block)
+            if decode == "prefill":
+                lengths = ctx.prefill_lengths
+                for name, a in zip(shapes, (k, v, kl)):
+                    window[name].value = last_positions(a, lengths, block)
+                older = (jnp.arange(length)[None, :] <= lengths[:, None] - 1 - block).astype(jnp.float32)
+                fk = taylor_features(kl) * older[..., None, None]  # [b,t,h,F]
+                state.value = jnp.einsum("bthf,bthc->bhfc", fk, v.astype(jnp.float32))
+                norm.value = jnp.sum(fk, axis=1)
+        return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
+
+
+def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, t: Array) -> Array:
+    """One position t [b] per row of the recall mixer from its cache; q, k, v, ql, kl [b, 1, h, *]
+    -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step, t-K+1..t after."""
+    keys, values, rkeys = (slide(window[n], a) for n, a in (("keys", k), ("values", v), ("recall_keys", kl)))
+    block = keys.shape[1] - 1
+    # Position t-K leaves the window for the recall state (if it exists).
+    leaving = taylor_features(rkeys[:, 0]) * (t >= block)[:, None, None]  # [b,h,F]
+    state.value = state.value + jnp.einsum("bhf,bhc->bhfc", leaving, values[:, 0].astype(jnp.float32))
+    norm.value = norm.value + leaving
+    keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
+    c = q.shape[-1]
+    logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)
+    valid = t[:, None] - block + 1 + jnp.arange(block)[None, :] >= 0  # [b,j]
+    p = jax.nn.softmax(jnp.where(valid[:, None], logits, -1e30), axis=-1).astype(values.dtype)
+    y = jnp.einsum("bhj,bjhc->bhc", p, values)
+    fq = taylor_features(ql[:, 0])  # [b,h,F]
+    num = jnp.einsum("bhf,bhfc->bhc", fq, state.value)
+    den = jnp.einsum("bhf,bhf->bh", fq, norm.value)
+    return (y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype))[:, None]
+
+
+MIXERS = {"recall": RecallMixer, "axial": AxialMixer, "attention": Attention}
