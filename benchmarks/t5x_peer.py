@@ -2,7 +2,7 @@
 own binary (`python -m olmax.train` and T5X's `train.py` through ../shared/peers/t5x-run).
 
     python -m benchmarks.t5x_peer quality [--steps 600] [--corpus '/usr/share/vim/vim90/doc/*.txt']
-    python -m benchmarks.t5x_peer speed [--lengths 256,1024,4096,8192]
+    python -m benchmarks.t5x_peer speed [--lengths 256,1024,4096,8192] [--steps 10] [--merge]
 
 quality  gin/models/tiny.gin + gin/runs/pretrain.gin (Olmax's defaults) against
          benchmarks/t5x/transformer_tiny.gin + T5X's configs/runs/pretrain.gin (T5X's
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import math
 import os
 import subprocess
@@ -141,11 +142,15 @@ def quality(args, log) -> common.Section:
 
 
 def speed(args, log) -> common.Section:
-    res, rows = {}, []
+    rows = []
+    if args.merge and os.path.exists(os.path.join(args.out, "t5x_speed.json")):  # rows this run does not re-measure
+        with open(os.path.join(args.out, "t5x_speed.json")) as f:
+            rows = [r for r in json.load(f)["data"]["rows"] if str(r[0]) not in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for i, length in enumerate(int(n) for n in args.lengths.split(",")):
             batch = max(1, args.tokens // length)
             order = ("olmax", "t5x") if i % 2 == 0 else ("t5x", "olmax")
+            res = {}
             for name in order:
                 model_dir = os.path.join(tmp, f"{name}_{length}")
                 make = olmax_command if name == "olmax" else t5x_command
@@ -153,27 +158,29 @@ def speed(args, log) -> common.Section:
                 run(cmd, args.corpus, log)
                 train = scalars(model_dir, "train")
                 tag = "tokens_per_second" if name == "olmax" else "timing/target_tokens_per_second"
-                res[length, name] = last(train, tag)  # the second half: compiled, warm
-            ratio = res[length, "olmax"] / res[length, "t5x"]
-            rows.append([length, batch, res[length, "olmax"], res[length, "t5x"], ratio])
-            log(f"  N={length}: Olmax {res[length, 'olmax']:.0f} tok/s, T5X {res[length, 't5x']:.0f} tok/s ({ratio:.2f}x)")
+                res[name] = last(train, tag)  # the second half: compiled, warm
+            ratio = res["olmax"] / res["t5x"]
+            rows.append([length, batch, args.steps, res["olmax"], res["t5x"], ratio])
+            log(f"  N={length}: Olmax {res['olmax']:.0f} tok/s, T5X {res['t5x']:.0f} tok/s ({ratio:.2f}x)")
+    rows.sort(key=lambda r: r[0])
     want = {256: 1.0, 4096: 3.0, 8192: 5.0}
-    targets = [common.Target(f"Olmax tokens/s vs T5X at N={n}", f">= {w:g}x", f"{r[4]:.2f}x", r[4] >= w)
+    targets = [common.Target(f"Olmax tokens/s vs T5X at N={n}", f">= {w:g}x", f"{r[5]:.2f}x", r[5] >= w)
                for n, w in want.items() for r in rows if r[0] == n]
     return common.Section(
         name="t5x_speed",
         title="Training speed against upstream T5X's transformer",
-        header=["length", "batch", "Olmax tok/s", "T5X tok/s", "Olmax / T5X"],
+        header=["length", "batch", "timed steps", "Olmax tok/s", "T5X tok/s", "Olmax / T5X"],
         rows=rows,
         targets=targets,
         notes=[
-            f"Each binary trains {2 * args.steps} steps of {args.tokens} tokens (batch = {args.tokens} / length) on "
-            f"`text_files` over `{args.corpus}`, packed; tokens/s over the second {args.steps} steps, as each binary "
+            f"Each binary trains 2 x (timed steps) steps of {args.tokens} tokens (batch = {args.tokens} / length) on "
+            f"`text_files` over `{args.corpus}`, packed; tokens/s over the second half, as each binary "
             "reports it (Olmax: tokens_per_second; T5X: timing/target_tokens_per_second; both count the "
             "non-padding target tokens). The two binaries alternate which runs first at each length.",
             "Olmax: gin/models/tiny.gin with max_length = the length; T5X: benchmarks/t5x/transformer_tiny.gin.",
-        ],
-        data={f"{n}/{m}": v for (n, m), v in res.items()},
+        ] + (["--merge: rows of lengths not in this run's --lengths are the previous run's (same machine)."]
+             if args.merge else []),
+        data={"rows": rows},
     )
 
 
@@ -185,6 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="256,1024,4096,8192")
     parser.add_argument("--tokens", type=int, default=8192, help="speed: tokens per step")
     parser.add_argument("--corpus", default=CORPUS)
+    parser.add_argument("--merge", action="store_true", help="speed: keep t5x_speed.json's rows of other lengths")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
     args.steps = args.steps or (600 if args.what == "quality" else 10)
