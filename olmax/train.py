@@ -32,7 +32,11 @@ from olmax import checkpoints, gin_utils, models, multihost, optim, partitioning
 
 
 class _Log:
-    """Train metrics: kept on device until a log step, then one console line and TensorBoard scalars."""
+    """Train metrics: kept on device until a log step, then one console line and TensorBoard scalars.
+
+    tokens_per_second counts the training steps' time only: what `excluded` collects
+    (checkpoint saves, evaluations) is left out, as T5X's timing metrics leave it out.
+    """
 
     def __init__(self, model_dir: str, setup: trainer.TrainSetup, length: int, total_steps: int, start: int,
                  peak_flops: float | None):
@@ -50,6 +54,7 @@ class _Log:
         self.pending: list[dict] = []
         self.last: dict = {}
         self.t_start = self.t_last = time.time()
+        self.excluded = 0.0  # seconds since t_last spent outside training steps
 
     def write(self, step: int) -> None:
         fetched, self.pending = jax.device_get(self.pending), []
@@ -57,7 +62,7 @@ class _Log:
         tokens = sum(float(m["tokens"]) for m in fetched)
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k not in ("tokens", "skipped")}
         summary["skipped_steps"] = float(sum(m["skipped"] for m in fetched))
-        summary["tokens_per_second"] = tps = tokens / max(now - self.t_last, 1e-9)
+        summary["tokens_per_second"] = tps = tokens / max(now - self.t_last - self.excluded, 1e-9)
         summary["mfu"] = self.flops_per_token * tps / self.total_peak
         lr = trainer.learning_rate(self.tx, step)
         if lr is not None:
@@ -68,7 +73,7 @@ class _Log:
                 else f"bits/token {summary['bits_per_token']:.3f}")
         logging.info("step %d/%d  loss %.4f  %s  tokens/s %.0f  MFU %.1f%%  ETA %s", step, self.total_steps,
                      summary["loss"], bits, tps, 100 * summary["mfu"], trainer.fmt_seconds(eta))
-        self.last, self.t_last = summary, now
+        self.last, self.t_last, self.excluded = summary, now, 0.0
 
     def write_eval(self, step: int, metrics: dict) -> None:
         self.eval_writer.write_scalars(step, metrics)
@@ -216,11 +221,18 @@ def train(
                 last = step == total_steps or stop
                 if step % stats_period == 0 or last:
                     log.write(step)
-                if ckpt.should_save(step) or last:  # before eval: a failing eval never costs this checkpoint
-                    ckpt.save(step, state)
-                if train_eval_dataset_cfg is not None and eval_period and (step % eval_period == 0 or step == total_steps):
-                    log.write_eval(step, trainer.evaluate(state["params"], train_eval_dataset_cfg, partitioner,
-                                                          eval_steps, steps.eval))
+                save = ckpt.should_save(step) or last
+                evaluate = train_eval_dataset_cfg is not None and eval_period and (
+                    step % eval_period == 0 or step == total_steps)
+                if save or evaluate:
+                    jax.block_until_ready(state)  # the step's own time stays in the training time
+                    t0 = time.time()
+                    if save:  # before eval: a failing eval never costs this checkpoint
+                        ckpt.save(step, state)
+                    if evaluate:
+                        log.write_eval(step, trainer.evaluate(state["params"], train_eval_dataset_cfg, partitioner,
+                                                              eval_steps, steps.eval))
+                    log.excluded += time.time() - t0
                 if stop:
                     logging.warning("Saved step %d after %s; rerun the same command to resume.", step,
                                     preemption.reason)

@@ -60,3 +60,24 @@ def test_batch_must_split_over_devices_and_microbatches():
     with pytest.raises(ValueError, match="BATCH_SIZE=8 must split into 4 microbatches, each divisible by the "
                                          "data-parallel size 4"):
         trainer.check_batch(8, partitioner, microbatches=4)
+
+
+def test_tokens_per_second_leaves_out_saves_and_evaluations(monkeypatch):
+    """olmax.train's tokens/s is training time only (as T5X's timing metrics): 100 tokens
+    over a 10 s interval of which 6 s were a checkpoint save and an eval -> 25 tokens/s."""
+    from olmax import train
+
+    written = {}
+    log = object.__new__(train._Log)
+    log.writer = type("W", (), {"write_scalars": lambda self, step, s: written.update(s)})()
+    log.tx, log.total_steps, log.start, log.flops_per_token, log.total_peak = None, 10, 0, 1.0, 1.0
+    log.pending = [{"tokens": np.float32(60), "loss": np.float32(1), "bits_per_token": np.float32(1),
+                    "skipped": np.float32(0)}, {"tokens": np.float32(40), "loss": np.float32(3),
+                                                "bits_per_token": np.float32(1), "skipped": np.float32(0)}]
+    log.t_start = log.t_last = 0.0
+    log.excluded = 6.0
+    monkeypatch.setattr(train.time, "time", lambda: 10.0)
+    log.write(2)
+    assert written["tokens_per_second"] == pytest.approx(25.0)
+    assert written["loss"] == pytest.approx(2.0)
+    assert log.excluded == 0.0 and log.t_last == 10.0  # the next interval starts clean
