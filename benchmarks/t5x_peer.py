@@ -24,6 +24,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -142,10 +143,13 @@ def quality(args, log) -> common.Section:
 
 
 def speed(args, log) -> common.Section:
-    rows = []
+    rows, earlier, notes = [], "", []
     if args.merge and os.path.exists(os.path.join(args.out, "t5x_speed.json")):  # rows this run does not re-measure
         with open(os.path.join(args.out, "t5x_speed.json")) as f:
-            rows = [r for r in json.load(f)["data"]["rows"] if str(r[0]) not in args.lengths.split(",")]
+            previous = json.load(f)
+        rows = [r for r in previous["data"]["rows"] if str(r[0]) not in args.lengths.split(",")]
+        earlier = (f"Rows of lengths {', '.join(str(r[0]) for r in rows)}: from `{previous['context']['command']}` "
+                   f"(load {previous['context']['load'][0]:.1f} / {previous['context']['load'][1]:.1f}).")
     with tempfile.TemporaryDirectory() as tmp:
         for i, length in enumerate(int(n) for n in args.lengths.split(",")):
             batch = max(1, args.tokens // length)
@@ -155,17 +159,28 @@ def speed(args, log) -> common.Section:
                 model_dir = os.path.join(tmp, f"{name}_{length}")
                 make = olmax_command if name == "olmax" else t5x_command
                 cmd = make(model_dir, length, batch, 2 * args.steps, args.steps, 1)
-                run(cmd, args.corpus, log)
+                try:
+                    run(cmd, args.corpus, log)
+                except RuntimeError as e:  # a binary that does not fit this machine at this length
+                    oom = re.search(r"Out of memory allocating (\d+) bytes", str(e))
+                    if not oom:
+                        raise
+                    res[name] = None
+                    notes.append(f"N={length}: {name}'s train step ran out of memory (it asked for "
+                                 f"{int(oom.group(1)) / 2**30:.1f} GiB at once; this machine has "
+                                 f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB): no ratio.")
+                    log("  " + notes[-1])
+                    continue
                 train = scalars(model_dir, "train")
                 tag = "tokens_per_second" if name == "olmax" else "timing/target_tokens_per_second"
                 res[name] = last(train, tag)  # the second half: compiled, warm
-            ratio = res["olmax"] / res["t5x"]
+            ratio = res["olmax"] / res["t5x"] if None not in res.values() else None
             rows.append([length, batch, args.steps, res["olmax"], res["t5x"], ratio])
-            log(f"  N={length}: Olmax {res['olmax']:.0f} tok/s, T5X {res['t5x']:.0f} tok/s ({ratio:.2f}x)")
+            log(f"  N={length}: Olmax {res['olmax']} tok/s, T5X {res['t5x']} tok/s (ratio {ratio})")
     rows.sort(key=lambda r: r[0])
     want = {256: 1.0, 4096: 3.0, 8192: 5.0}
     targets = [common.Target(f"Olmax tokens/s vs T5X at N={n}", f">= {w:g}x", f"{r[5]:.2f}x", r[5] >= w)
-               for n, w in want.items() for r in rows if r[0] == n]
+               for n, w in want.items() for r in rows if r[0] == n and r[5] is not None]
     return common.Section(
         name="t5x_speed",
         title="Training speed against upstream T5X's transformer",
@@ -178,8 +193,7 @@ def speed(args, log) -> common.Section:
             "reports it (Olmax: tokens_per_second; T5X: timing/target_tokens_per_second; both count the "
             "non-padding target tokens). The two binaries alternate which runs first at each length.",
             "Olmax: gin/models/tiny.gin with max_length = the length; T5X: benchmarks/t5x/transformer_tiny.gin.",
-        ] + (["--merge: rows of lengths not in this run's --lengths are the previous run's (same machine)."]
-             if args.merge else []),
+        ] + notes + ([earlier] if earlier else []),
         data={"rows": rows},
     )
 

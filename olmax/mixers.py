@@ -286,21 +286,29 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array,
     num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v_prev.astype(jnp.float32))
     den = jnp.sum(kern, axis=-1)
     # Recall from blocks m <= n-2: each block's state holds its tokens of the segment that
-    # is open at the block's end (`last`); a query reads it only if its own segment is that
-    # one and already open at block n-1's end (contiguous segments make this exact).
+    # is open at the block's end (`last`), with its normalizer as an extra value column; a
+    # query reads the sum over the blocks m <= n-2 that end in its own segment, if that one
+    # is already open at block n-1's end. Contiguous segments make those blocks one run
+    # ending at n-2, so the sums are a running sum that restarts where `last` changes: a
+    # linear scan over the blocks, O(n F c) (an [n, n] mask would cost O(n^2 F c)).
     last = seg[..., -1]  # [b,1,n]
     fk = taylor_features(kl) * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
-    states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v.astype(jnp.float32))
-    norms = jnp.sum(fk, axis=3)  # [b,h,n,F]
-    last_prev = seg_prev[..., -1]  # last[n-1]
+    v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones_like(v[..., :1], jnp.float32)], axis=-1)
+    states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v1)  # [b,h,n,F,c+1]
     m = jnp.arange(n)
-    use = (m[None, :] <= m[:, None] - 2) & (last[..., None, :] == last_prev[..., :, None])  # [b,1,n,m]
-    use = use.astype(jnp.float32)
-    states = jnp.einsum("bxnm,bhmfc->bhnfc", use, states)  # what block n's queries read
-    norms = jnp.einsum("bxnm,bhmf->bhnf", use, norms)
+    keep = ((last == shift_right(last, 1, axis=2)) & (m > 0)).astype(jnp.float32)[..., None, None]  # [b,1,n,1,1]
+
+    def running_sum(earlier, later):  # (keep, sum) pairs: sum_m = states_m + keep_m sum_{m-1}
+        return earlier[0] * later[0], later[1] + later[0] * earlier[1]
+
+    _, states = jax.lax.associative_scan(running_sum, (keep, states), axis=2)
+    last_prev = seg_prev[..., -1]  # last[n-1]
+    read = (shift_right(last, 2, axis=2) == last_prev) & (m >= 2)  # block n-2 ends in last[n-1]'s segment
+    states = shift_right(states, 2, axis=2) * read.astype(jnp.float32)[..., None, None]  # what block n reads
     fq = taylor_features(ql) * (seg == last_prev[..., None])[..., None]  # [b,h,n,k,F]
-    num += jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
-    den += jnp.einsum("bhnkf,bhnf->bhnk", fq, norms)
+    read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
+    num += read_out[..., :c]
+    den += read_out[..., c]
     y = y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype)
     return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
 

@@ -265,13 +265,14 @@ def _dense_recall(q, k, v, ql, kl, seg, block):
 
 def test_axial_recall_matches_dense_reference():
     """The blocked computation (window + pairwise + per-block states) equals the O(N^2) definition,
-    with packed segments (one starting mid-block and spanning several blocks) and padding id 0."""
+    with packed segments (starting mid-block, spanning several blocks, a 2-token one) and padding id 0."""
     rng = np.random.RandomState(0)
-    b, t, h, c, r, block = 2, 23, 2, 4, 3, 4
+    b, t, h, c, r, block = 3, 23, 2, 4, 3, 4
     q, k, v = (rng.randn(b, t, h, c).astype(np.float32) for _ in range(3))
     ql, kl = (rng.randn(b, t, h, r).astype(np.float32) for _ in range(2))
     seg = np.ones((b, t), np.int32)
     seg[1, 9:20], seg[1, 20:] = 2, 0
+    seg[2, 5:7], seg[2, 7:] = 2, 3  # segment 3 spans blocks 1-5: its states run over 4 blocks
     got = mixers.axial_recall(*map(jnp.asarray, (q, k, v, ql, kl, seg)), block)
     np.testing.assert_allclose(got, _dense_recall(q, k, v, ql, kl, seg, block), rtol=1e-5, atol=1e-5)
 
