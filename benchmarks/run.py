@@ -84,7 +84,7 @@ class Sizes:
     # mfu: gin/models/small.gin sizes
     mfu_features: int = 512
     mfu_depth: int = 12
-    mfu_conv_features: int = 1024
+    mfu_conv_features: int = 768
     mfu_mixer_block: int = 64
     mfu_mixer_heads: int = 8
     mfu_length: int = 512
