@@ -155,7 +155,8 @@ def main(argv=None) -> None:
         with open(out, "w") as f:
             f.write(
                 "# Decoding speed: cached vs recomputed\n\n"
-                "Produced by `python -m benchmarks.decode_speed` (see its docstring for the method).\n"
+                f"Produced by `{' '.join(['python -m benchmarks.decode_speed'] + sys.argv[1:])}` "
+                "(see its docstring for the method).\n"
                 "Tokens/s over the whole batch in the steady state of generation; prompt N/2; "
                 "prefill s: the cached path's cache creation + prefill of the prompt.\n\n"
                 f"Hardware: {hardware}\n\n{text}\n\n"
