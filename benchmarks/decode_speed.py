@@ -155,7 +155,7 @@ def main(argv=None) -> None:
         with open(out, "w") as f:
             f.write(
                 "# Decoding speed: cached vs recomputed\n\n"
-                f"Produced by `{' '.join(['python -m benchmarks.decode_speed'] + sys.argv[1:])}` "
+                f"Produced by `{' '.join(['python -m benchmarks.decode_speed'] + list(sys.argv[1:] if argv is None else argv))}` "
                 "(see its docstring for the method).\n"
                 "Tokens/s over the whole batch in the steady state of generation; prompt N/2; "
                 "prefill s: the cached path's cache creation + prefill of the prompt.\n\n"
