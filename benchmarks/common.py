@@ -435,6 +435,15 @@ def write_section(out: str, s: Section, context: dict[str, Any]) -> str:
     return text
 
 
+def read_section(out: str, name: str) -> dict | None:
+    """What write_section wrote for section `name` in `out` (its json), or None if absent."""
+    path = os.path.join(out, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def figure(ncols: int = 1) -> tuple[Figure, list]:
     fig = Figure(figsize=(5.2 * ncols, 3.8))
     return fig, list(fig.subplots(1, ncols, squeeze=False)[0])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -181,10 +180,8 @@ def main(argv=None) -> None:
     start, load0 = time.perf_counter(), common.load()
     log = functools.partial(print, flush=True)
     command = "python -m benchmarks.recall" + "".join(f" {a}" for a in (argv if argv is not None else []))
-    done = []
-    if args.merge and os.path.exists(os.path.join(args.out, "recall.json")):
-        with open(os.path.join(args.out, "recall.json")) as f:
-            done = json.load(f)["data"]["points"]
+    previous = common.read_section(args.out, "recall") if args.merge else None
+    done = previous["data"]["points"] if previous else []
     specs = [tuple(int(v) for v in spec.split("x")) for spec in args.points.split(",")]
     done = [p for p in done if (p["pairs"], p["length"]) not in specs]
     for p in done:
@@ -205,7 +202,9 @@ def main(argv=None) -> None:
     for pairs, length in specs:
         measured.append(dict(run_point(pairs, length, s, log, write, tuple(args.mixers.split(","))), command=command))
         write()
-    log(open(os.path.join(args.out, "recall.md")).read() if measured else "nothing measured")
+    if measured:
+        with open(os.path.join(args.out, "recall.md")) as f:
+            log(f.read())
 
 if __name__ == "__main__":
     import sys

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -590,12 +589,7 @@ OTHER_SECTIONS = ("recall", "t5x_quality", "t5x_speed")
 
 def write_summary(out: str) -> str:
     """summary.md: every target of every section whose json is in `out`."""
-    sections = []
-    for name in SECTIONS + OTHER_SECTIONS:
-        path = os.path.join(out, f"{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                sections.append(json.load(f))
+    sections = [s for s in (common.read_section(out, name) for name in SECTIONS + OTHER_SECTIONS) if s is not None]
     targets = [Target(**t) for s in sections for t in s["targets"]]
     hw = sections[0]["context"]["hardware"] if sections else common.hardware()
     lines = [

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import os
 import re
@@ -144,9 +143,8 @@ def quality(args, log) -> common.Section:
 
 def speed(args, log) -> common.Section:
     rows, earlier, notes = [], "", []
-    if args.merge and os.path.exists(os.path.join(args.out, "t5x_speed.json")):  # rows this run does not re-measure
-        with open(os.path.join(args.out, "t5x_speed.json")) as f:
-            previous = json.load(f)
+    previous = common.read_section(args.out, "t5x_speed") if args.merge else None
+    if previous:  # rows this run does not re-measure
         rows = [r for r in previous["data"]["rows"] if str(r[0]) not in args.lengths.split(",")]
         earlier = (f"Rows of lengths {', '.join(str(r[0]) for r in rows)}: from `{previous['context']['command']}` "
                    f"(load {previous['context']['load'][0]:.1f} / {previous['context']['load'][1]:.1f}).")
