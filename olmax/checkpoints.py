@@ -11,8 +11,11 @@ Nothing here unpickles: orbax stores arrays with tensorstore and metadata as JSO
 """
 from __future__ import annotations
 
+import asyncio
+import logging as logging_std
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -214,6 +217,7 @@ class Checkpointer:
                 where = "" if moved == "(left in place)" else f"moved it to {moved}; "
                 logging.warning("Checkpoint %s/%d is unreadable (could not be loaded: %s); %s%s.",
                                 self.directory, step, reason[:300], where, nxt)
+            _quiet_abandoned_reads()
         return None
 
     def _set_aside(self, step: int) -> str:
@@ -230,6 +234,27 @@ class Checkpointer:
         os.rename(src, dst)
         self.manager.reload()
         return dst
+
+
+class _AbandonedReads(logging_std.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports (see _quiet_abandoned_reads)."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+def _quiet_abandoned_reads() -> None:
+    """Silences the echoes of a failed checkpoint read, for the rest of the process.
+
+    Orbax reads a checkpoint's arrays concurrently and raises on the first error; the
+    sibling reads fail the same way later, unawaited, and Python reports each at
+    exit as "Task exception was never retrieved" or "coroutine ... was never awaited",
+    after the binary's own one-line error. The warning logged for the step already
+    names the error, so these repeats are dropped once a read has failed.
+    """
+    if not any(isinstance(f, _AbandonedReads) for f in asyncio.log.logger.filters):
+        asyncio.log.logger.addFilter(_AbandonedReads())
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def first_shape_mismatch(have: dict, want: dict) -> tuple[str, Any, Any] | None:
