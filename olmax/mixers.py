@@ -2,9 +2,10 @@
 sequence (`OlmaxConfig.mixer`), all on the grid [n_blocks, K] (t = n K + k, K = mixer_block)
 or, for the baseline, over every position:
 
-  recall     RecallMixer, the default: exact softmax attention over the last K positions
-             plus Taylor-kernel linear attention over everything older, read from per-block
-             states: recalls by content at O(N^1.5) (axial_recall).
+  recall     RecallMixer, the default: one normalized read by content, exact softmax
+             weights over the last K positions and gated Taylor-kernel weights (linear
+             attention, read from per-block states) over everything older: recalls by
+             content at O(N^1.5) (axial_recall).
   axial      AxialMixer, the seed's MLP-Mixer: two learned causal lag filters, along the
              block axis then the offset axis, with an activation between; input-independent.
   attention  Attention, causal multi-head softmax attention with rotary positions: the O(N^2)
@@ -12,8 +13,8 @@ or, for the baseline, over every position:
 
 They follow the block contract of olmax/layers.py (x [b, t, d], Context, decode mode) and
 its einsum letters. Their decode caches:
-  recall     the last K keys, values and recall keys [b, K, h, *] and the recall state
-             [b, h, F, c] with its normalizer [b, h, F] (fp32): constant size;
+  recall     the last K keys, values, recall keys and write gates [b, K, h, *] and the
+             recall state [b, h, F, c] with its normalizer [b, h, F] (fp32): constant size;
   axial      the input history `inputs` [b, ceil(L/K) K, d] (stage 1 reads the
              positions t, t-K, t-2K, ...: O(L/K d)) and the last K-1 values of
              act(u) `mixed` [b, K-1, d] (stage 2's window: O(K d));
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import flax.linen as nn
 import jax
@@ -239,23 +240,26 @@ def taylor_size(r: int) -> int:
     return 1 + r + r * (r + 1) // 2
 
 
-def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array, block: int) -> Array:
+def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
 
     q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
-    seg: [b, t] segment ids (contiguous segments, as packing makes them) -> [b, t, h, c].
+    gate: [b, t, h] write gates in (0, 1), seg: [b, t] segment ids (contiguous segments, as
+    packing makes them) -> [b, t, h, c].
 
-    Output t is the sum of two normalized reads of the values v[s], s <= t, same segment:
-      window  softmax(q_t . k_s / sqrt(c)) over the last K positions (lags 0..K-1): the
-              offset axis, exact attention, computed from block n and block n-1;
-      recall  phi(ql_t) . phi(kl_s) (Taylor kernel, linear attention) over every older
-              position (lags >= K): block n-1's offsets j <= k pairwise, and blocks
-              <= n-2 through per-block states sum_s phi(kl_s) v_s^T [F, c]: the block axis.
+    Output t is one normalized read sum_s w_ts v_s / sum_s w_ts over s <= t, same segment:
+      window  w = exp(q_t . k_s / sqrt(c)) for the last K positions (lags 0..K-1): exact
+              softmax weights on the offset axis, from block n and block n-1;
+      recall  w = g_s phi(ql_t) . phi(kl_s) (g_s: the write gate; phi . phi = 1 + s + s^2/2,
+              the Taylor kernel, linear attention) for every older position (lags >= K):
+              block n-1's offsets j <= k pairwise, and blocks <= n-2 through per-block states
+              sum_s g_s phi(kl_s) v_s^T [F, c]: the block axis.
+    One denominator for both, so a query that matches nothing near reads mostly from far
+    and the other way round; the gate lets a token (a filler, say) stay out of the memory.
     Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = taylor_size(r): O(N^1.5) at K = sqrt(N).
     Internally heads lead ([b, h, n, K, ...]) so every contraction is a batched matmul.
     """
     bsz, length, h, c = q.shape
-    r = ql.shape[-1]
     n = -(-length // block)
     pad = n * block - length
 
@@ -263,26 +267,26 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array,
         a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(bsz, n, block, h, a.shape[-1])
         return jnp.transpose(a, (0, 3, 1, 2, 4))
 
-    q, k, v, ql, kl = map(grid, (q, k, v, ql, kl))
+    q, k, v, ql, kl, gate = map(grid, (q, k, v, ql, kl, gate.astype(jnp.float32)[..., None]))
     # Padding gets segment -1: distinct from every real segment and from id 0.
     seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, n, block)
-    k_prev, v_prev, kl_prev = (shift_right(a, 1, axis=2) for a in (k, v, kl))  # block n-1 at n
+    k_prev, v_prev, kl_prev, gate_prev = (shift_right(a, 1, axis=2) for a in (k, v, kl, gate))  # block n-1 at n
     seg_prev = shift_right(seg, 1, axis=2) + jnp.where(jnp.arange(n) == 0, -2, 0)[:, None]
     i = jnp.arange(block)
     same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,n,k,j] lag k-j
     same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
     in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
 
-    # Window: softmax over block n-1 (j > k) and its own block (j <= k) together, fp32.
+    # Window: scores against block n-1 (j > k) and its own block (j <= k) together, fp32.
     keys, values = jnp.concatenate([k_prev, k], axis=3), jnp.concatenate([v_prev, v], axis=3)  # [b,h,n,2K,c]
     logits = jnp.einsum("bhnkc,bhnjc->bhnkj", q, keys).astype(jnp.float32) / math.sqrt(c)
     allowed = jnp.concatenate([same_prev & in_window, same_own], axis=-1)  # the diagonal always is
-    p = jax.nn.softmax(jnp.where(allowed, logits, -1e30), axis=-1).astype(v.dtype)
-    y = jnp.einsum("bhnkj,bhnjc->bhnkc", p, values)
+    logits = jnp.where(allowed, logits, -jnp.inf)
 
     # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
+    r = ql.shape[-1]
     s = jnp.einsum("bhnkr,bhnjr->bhnkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
-    kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window)
+    kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window) * jnp.swapaxes(gate_prev, -1, -2)
     num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v_prev.astype(jnp.float32))
     den = jnp.sum(kern, axis=-1)
     # Recall from blocks m <= n-2: each block's state holds its tokens of the segment that
@@ -292,7 +296,7 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array,
     # ending at n-2, so the sums are a running sum that restarts where `last` changes: a
     # linear scan over the blocks, O(n F c) (an [n, n] mask would cost O(n^2 F c)).
     last = seg[..., -1]  # [b,1,n]
-    fk = taylor_features(kl) * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
+    fk = taylor_features(kl) * gate * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
     v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones_like(v[..., :1], jnp.float32)], axis=-1)
     states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v1)  # [b,h,n,F,c+1]
     m = jnp.arange(n)
@@ -309,24 +313,47 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, seg: Array,
     read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
     num += read_out[..., :c]
     den += read_out[..., c]
-    y = y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype)
+    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p, values.astype(jnp.float32)))
+    y = y.astype(v.dtype)
     return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
+
+
+def joint_read(logits: Array, num: Array, den: Array, weigh: Callable[[Array], Array]) -> Array:
+    """(sum_j exp(logits_j) v_j + num) / (sum_j exp(logits_j) + den): the window's softmax terms
+    and the recall's kernel sums (num [..., c], den [...] >= 0) under one denominator, fp32.
+
+    logits [..., j] (-inf where not allowed; at least one finite); weigh(p) = sum_j p_j v_j.
+    Scaled by exp(-M), M = max(largest logit, log den) (the log-sum-exp trick, extended to
+    the kernel sums), so every weight is <= 1 and the denominator >= 1: nothing overflows,
+    and a query with nothing older (den = 0) reads plain softmax.
+    """
+    top = jnp.max(logits, axis=-1)
+    has_far = den > 0
+    log_den = jnp.where(has_far, jnp.log(jnp.where(has_far, den, 1.0)), -jnp.inf)
+    scale = jax.lax.stop_gradient(jnp.maximum(top, log_den))  # the result does not depend on it
+    p = jnp.exp(logits - scale[..., None])
+    far = jnp.exp(log_den - scale)  # den exp(-M), in [0, 1]
+    mean_far = num / jnp.where(has_far, den, 1.0)[..., None]
+    return (weigh(p) + far[..., None] * mean_far) / (jnp.sum(p, axis=-1) + far)[..., None]
 
 
 class RecallMixer(nn.Module):
     """Axial recall mixer: content-addressed token mixing at O(N^1.5), Olmax's default mixer.
 
     The fixed lag filters of the AxialMixer cannot look a value up by its key. This mixer
-    keeps the same grid but mixes by content (see `axial_recall`): exact softmax attention
-    over a sliding window of K positions (the offset axis), and a Taylor-kernel linear
-    attention over everything older, read from per-block states (the block axis). Both
-    are normalized reads of the same values; heads `num_heads`, recall features
-    `recall_features` per head. Strictly causal, full causal receptive field in one layer
-    (the kernel is >= 1/2 for every pair), packed segments mixed as if alone.
+    keeps the same grid but mixes by content (see `axial_recall`): one normalized read of
+    the values, with exact softmax weights over a sliding window of K positions (the offset
+    axis) and Taylor-kernel (linear attention) weights over everything older, read from
+    per-block states (the block axis). A write gate g_s = sigmoid(x_s . w + b) per head
+    scales what each token adds to those states, so tokens that carry nothing to recall
+    stay out of the long-range read. Heads `num_heads`, recall features `recall_features`
+    per head. Strictly causal, full causal receptive field in one layer (every older pair
+    has weight >= g_s / 2 > 0), packed segments mixed as if alone.
 
-    A decode step keeps the last K keys, values and recall keys [b, K, h, *] and the recall
-    state [b, h, F, c] with its normalizer [b, h, F] (fp32): the position leaving the
-    window is added to the state, the new one enters it. O(K c + F c) per head and token.
+    A decode step keeps the last K keys, values, recall keys and write gates [b, K, h, *]
+    and the recall state [b, h, F, c] with its normalizer [b, h, F] (fp32): the position
+    leaving the window is added to the state, the new one enters it. O(K c + F c) per head
+    and token.
     """
 
     config: OlmaxConfig
@@ -338,56 +365,63 @@ class RecallMixer(nn.Module):
         h, r, block = cfg.num_heads, cfg.recall_features, cfg.mixer_block
         c = d // h
         init = fan_in_normal((0,))
-        names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r}
+        names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r, "w_write_gate": h}
         w = [param_with_axes(n, init, (d, e), axes=("embed", "heads")) for n, e in names.items()]
+        gate_bias = param_with_axes("b_write_gate", nn.initializers.zeros, (h,), axes=("heads",))
         wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
         if decode is not None:
-            shapes = {"keys": c, "values": c, "recall_keys": r}
-            window = {n: cache_variable(self, decode, n, (bsz, block, h, e), cfg.dtype) for n, e in shapes.items()}
+            shapes = {"keys": c, "values": c, "recall_keys": r, "write_gates": 1}
+            dtypes = {n: jnp.float32 if n == "write_gates" else cfg.dtype for n in shapes}
+            window = {n: cache_variable(self, decode, n, (bsz, block, h, e), dtypes[n]) for n, e in shapes.items()}
             feats = taylor_size(r)
             state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32)
             norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
-        # One matmul for the five projections: [b,t,d] -> [b,t,3d + 2hr] -> q, k, v, ql, kl.
+        # One matmul for the six projections: [b,t,d] -> [b,t,3d + 2hr + h] -> q, k, v, ql, kl, gate.
         proj = jnp.einsum("btd,de->bte", x, jnp.concatenate(w, axis=1).astype(cfg.dtype))
         splits = list(itertools.accumulate(names.values()))[:-1]
-        q, k, v, ql, kl = (a.reshape(bsz, length, h, -1) for a in jnp.split(proj, splits, axis=-1))
+        q, k, v, ql, kl, g = (a.reshape(bsz, length, h, -1) for a in jnp.split(proj, splits, axis=-1))
+        gate = jax.nn.sigmoid(g[..., 0].astype(jnp.float32) + gate_bias)  # [b,t,h]
         q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
         if decode == "step":
-            y = recall_step(window, state, norm, q, k, v, ql, kl, ctx.positions[:, 0])
+            y = recall_step(window, state, norm, q, k, v, ql, kl, gate, ctx.positions[:, 0])
         else:
-            y = axial_recall(q, k, v, ql, kl, ctx.segment_ids, block)
+            y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block)
             if decode == "prefill":
                 lengths = ctx.prefill_lengths
-                for name, a in zip(shapes, (k, v, kl)):
-                    window[name].value = last_positions(a, lengths, block)
+                for name, a in zip(shapes, (k, v, kl, gate[..., None])):
+                    window[name].value = last_positions(a.astype(dtypes[name]), lengths, block)
                 older = (jnp.arange(length)[None, :] <= lengths[:, None] - 1 - block).astype(jnp.float32)
-                fk = taylor_features(kl) * older[..., None, None]  # [b,t,h,F]
+                fk = taylor_features(kl) * (gate * older[..., None])[..., None]  # [b,t,h,F]
                 state.value = jnp.einsum("bthf,bthc->bhfc", fk, v.astype(jnp.float32))
                 norm.value = jnp.sum(fk, axis=1)
         return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
 
 
-def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, t: Array) -> Array:
-    """One position t [b] per row of the recall mixer from its cache; q, k, v, ql, kl [b, 1, h, *]
-    -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step, t-K+1..t after."""
-    keys, values, rkeys = (slide(window[n], a) for n, a in (("keys", k), ("values", v), ("recall_keys", kl)))
+def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, gate, t: Array) -> Array:
+    """One position t [b] per row of the recall mixer from its cache; q, k, v, ql, kl [b, 1, h, *],
+    gate [b, 1, h] -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step,
+    t-K+1..t after."""
+    keys, values, rkeys, gates = (
+        slide(window[n], a.astype(window[n].value.dtype))
+        for n, a in (("keys", k), ("values", v), ("recall_keys", kl), ("write_gates", gate[..., None]))
+    )
     block = keys.shape[1] - 1
     # Position t-K leaves the window for the recall state (if it exists).
-    leaving = taylor_features(rkeys[:, 0]) * (t >= block)[:, None, None]  # [b,h,F]
+    leaving = taylor_features(rkeys[:, 0]) * (gates[:, 0].astype(jnp.float32) * (t >= block)[:, None, None])
     state.value = state.value + jnp.einsum("bhf,bhc->bhfc", leaving, values[:, 0].astype(jnp.float32))
     norm.value = norm.value + leaving
     keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
     c = q.shape[-1]
     logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)
     valid = t[:, None] - block + 1 + jnp.arange(block)[None, :] >= 0  # [b,j]
-    p = jax.nn.softmax(jnp.where(valid[:, None], logits, -1e30), axis=-1).astype(values.dtype)
-    y = jnp.einsum("bhj,bjhc->bhc", p, values)
+    logits = jnp.where(valid[:, None], logits, -jnp.inf)
     fq = taylor_features(ql[:, 0])  # [b,h,F]
     num = jnp.einsum("bhf,bhfc->bhc", fq, state.value)
     den = jnp.einsum("bhf,bhf->bh", fq, norm.value)
-    return (y + (num / jnp.maximum(den, 1e-6)[..., None]).astype(y.dtype))[:, None]
+    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhj,bjhc->bhc", p, values.astype(jnp.float32)))
+    return y.astype(values.dtype)[:, None]
 
 
 MIXERS = {"recall": RecallMixer, "axial": AxialMixer, "attention": Attention}

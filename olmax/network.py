@@ -60,7 +60,7 @@ class OlmaxConfig:
     # Heads of the attention baseline and of the recall mixer.
     num_heads: int = 4
     # Recall mixer: features per head of its linear-attention (Taylor) kernel.
-    recall_features: int = 8
+    recall_features: int = 16
     # Mixture of experts.
     expert_top_k: int = 2
     expert_features: int = 512

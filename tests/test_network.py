@@ -227,7 +227,7 @@ def test_axial_mixer_matches_dense_reference():
     params = jax.tree.map(lambda p: p + 0.1 * rng.randn(*p.shape).astype(np.float32), params)
     out, _ = mixer.apply({"params": params}, jnp.asarray(x), ctx)
     a, bl, bias = (np.asarray(params[n]) for n in ("block_lags", "offset_lags", "bias"))
-    K, h, c = 4, 2, 2
+    K, c = 4, 2
     u = np.zeros_like(x)
     for ti in range(t):
         for m in range(0, ti // K + 1):
@@ -244,37 +244,47 @@ def test_axial_mixer_matches_dense_reference():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def _dense_recall(q, k, v, ql, kl, seg, block):
-    """Per (t, s) pair: softmax over lags < block, normalized Taylor kernel over lags >= block."""
+def _dense_recall(q, k, v, ql, kl, gate, seg, block):
+    """Per (t, s) pair: weight exp(q.k / sqrt(c)) over lags < block, g_s (1 + s + s^2/2) over lags
+    >= block, one normalization over both."""
     b, t, h, c = q.shape
     r = ql.shape[-1]
     out = np.zeros_like(q)
     for bi, ti, hi in np.ndindex(b, t, h):
         src = [si for si in range(ti + 1) if seg[bi, si] == seg[bi, ti]]
-        win = [si for si in src if ti - si < block]
-        old = [si for si in src if ti - si >= block]
-        logits = np.array([q[bi, ti, hi] @ k[bi, si, hi] for si in win]) / np.sqrt(c)
-        p = np.exp(logits - logits.max())
-        out[bi, ti, hi] = (p / p.sum()) @ v[bi, win, hi]
-        if old:
-            s = np.array([ql[bi, ti, hi] @ kl[bi, si, hi] for si in old]) / np.sqrt(r)
-            kern = 1 + s + s * s / 2
-            out[bi, ti, hi] += kern @ v[bi, old, hi] / kern.sum()
+        weights = []
+        for si in src:
+            if ti - si < block:
+                weights.append(np.exp(np.float64(q[bi, ti, hi] @ k[bi, si, hi]) / np.sqrt(c)))
+            else:
+                s = np.float64(ql[bi, ti, hi] @ kl[bi, si, hi]) / np.sqrt(r)
+                weights.append(gate[bi, si, hi] * (1 + s + s * s / 2))
+        weights = np.array(weights)
+        out[bi, ti, hi] = weights @ v[bi, src, hi] / weights.sum()
     return out
 
 
 def test_axial_recall_matches_dense_reference():
-    """The blocked computation (window + pairwise + per-block states) equals the O(N^2) definition,
-    with packed segments (starting mid-block, spanning several blocks, a 2-token one) and padding id 0."""
+    """The blocked computation (window + pairwise + per-block states, one denominator) equals the
+    O(N^2) definition, with packed segments (starting mid-block, spanning several blocks, a
+    2-token one), padding id 0, and logits large enough to overflow a naive exp."""
     rng = np.random.RandomState(0)
     b, t, h, c, r, block = 3, 23, 2, 4, 3, 4
     q, k, v = (rng.randn(b, t, h, c).astype(np.float32) for _ in range(3))
     ql, kl = (rng.randn(b, t, h, r).astype(np.float32) for _ in range(2))
+    gate = rng.uniform(0.05, 1.0, (b, t, h)).astype(np.float32)
     seg = np.ones((b, t), np.int32)
     seg[1, 9:20], seg[1, 20:] = 2, 0
     seg[2, 5:7], seg[2, 7:] = 2, 3  # segment 3 spans blocks 1-5: its states run over 4 blocks
-    got = mixers.axial_recall(*map(jnp.asarray, (q, k, v, ql, kl, seg)), block)
-    np.testing.assert_allclose(got, _dense_recall(q, k, v, ql, kl, seg, block), rtol=1e-5, atol=1e-5)
+    args = (q, k, v, ql, kl, gate, seg)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block)
+    np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-5, atol=1e-5)
+    # Window logits of +-60 (exp overflows fp32 at 89) and Taylor sums of ~1e4: still exact.
+    q2, k2 = q * 8.0, k * 8.0
+    args = (q2, k2, v, ql * 6.0, kl * 6.0, gate, seg)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-4, atol=1e-4)
 
 
 def test_config_errors_name_the_problem():

@@ -9,12 +9,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from olmax import checkpoints, models, network, optim, partitioning, trainer, utils
+from olmax import models, network, optim, partitioning, trainer, utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

@@ -1,8 +1,6 @@
 """Sharded on 8 simulated CPU devices == one device; partitioner errors."""
-import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
