@@ -313,7 +313,8 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
     num += read_out[..., :c]
     den += read_out[..., c]
-    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p, values.astype(jnp.float32)))
+    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
+                                                         preferred_element_type=jnp.float32))
     y = y.astype(v.dtype)
     return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
 
@@ -322,7 +323,8 @@ def joint_read(logits: Array, num: Array, den: Array, weigh: Callable[[Array], A
     """(sum_j exp(logits_j) v_j + num) / (sum_j exp(logits_j) + den): the window's softmax terms
     and the recall's kernel sums (num [..., c], den [...] >= 0) under one denominator, fp32.
 
-    logits [..., j] (-inf where not allowed; at least one finite); weigh(p) = sum_j p_j v_j.
+    logits [..., j] (-inf where not allowed; at least one finite); weigh(p) = sum_j p_j v_j in
+    fp32 (p may be rounded to the compute dtype for that matmul, as softmax attention does).
     Scaled by exp(-M), M = max(largest logit, log den) (the log-sum-exp trick, extended to
     the kernel sums), so every weight is <= 1 and the denominator >= 1: nothing overflows,
     and a query with nothing older (den = 0) reads plain softmax.
@@ -420,7 +422,8 @@ def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql
     fq = taylor_features(ql[:, 0])  # [b,h,F]
     num = jnp.einsum("bhf,bhfc->bhc", fq, state.value)
     den = jnp.einsum("bhf,bhf->bh", fq, norm.value)
-    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhj,bjhc->bhc", p, values.astype(jnp.float32)))
+    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhj,bjhc->bhc", p.astype(values.dtype), values,
+                                                         preferred_element_type=jnp.float32))
     return y.astype(values.dtype)[:, None]
 
 
