@@ -240,7 +240,8 @@ def taylor_size(r: int) -> int:
     return 1 + r + r * (r + 1) // 2
 
 
-def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int) -> Array:
+def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int,
+                 dense_far: bool | None = None) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
 
     q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
@@ -257,7 +258,9 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     One denominator for both, so a query that matches nothing near reads mostly from far
     and the other way round; the gate lets a token (a filler, say) stay out of the memory.
     Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = taylor_size(r): O(N^1.5) at K = sqrt(N).
-    Internally heads lead ([b, h, n, K, ...]) so every contraction is a batched matmul.
+    Rows shorter than ~3 F (c + 1) / (r + c) positions (~300 at r = 16, c = 32) compute the
+    recall part as one [N, N] kernel matrix instead (`dense_far`; None: by that cost), the
+    same sums at fewer multiply-adds there. Internally heads lead ([b, h, n, K, ...]) so every contraction is a batched matmul.
     """
     bsz, length, h, c = q.shape
     n = -(-length // block)
@@ -270,7 +273,7 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     q, k, v, ql, kl, gate = map(grid, (q, k, v, ql, kl, gate.astype(jnp.float32)[..., None]))
     # Padding gets segment -1: distinct from every real segment and from id 0.
     seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, n, block)
-    k_prev, v_prev, kl_prev, gate_prev = (shift_right(a, 1, axis=2) for a in (k, v, kl, gate))  # block n-1 at n
+    k_prev, v_prev = (shift_right(a, 1, axis=2) for a in (k, v))  # block n-1 at n
     seg_prev = shift_right(seg, 1, axis=2) + jnp.where(jnp.arange(n) == 0, -2, 0)[:, None]
     i = jnp.arange(block)
     same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,n,k,j] lag k-j
@@ -283,8 +286,28 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     allowed = jnp.concatenate([same_prev & in_window, same_own], axis=-1)  # the diagonal always is
     logits = jnp.where(allowed, logits, -jnp.inf)
 
-    # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
     r = ql.shape[-1]
+    if dense_far is None:  # whichever costs fewer multiply-adds (scores + sums vs block states)
+        dense_far = n * block * (r + c) <= 3 * taylor_size(r) * (c + 1)
+    far = _far_dense if dense_far else _far_blocked
+    num, den = far(ql, kl, v, gate, seg, seg_prev, block)
+    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
+                                                         preferred_element_type=jnp.float32))
+    y = y.astype(v.dtype)
+    return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
+
+
+def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
+    """The recall part of `axial_recall` over the grid: (num [b,h,n,K,c], den [b,h,n,K]) of the
+    gated Taylor kernel over lags >= K, from block n-1 pairwise and blocks <= n-2 through
+    per-block states. O(N K r + N F c + n F c log n)."""
+    n, c = ql.shape[2], v.shape[-1]
+    r = ql.shape[-1]
+    i = jnp.arange(block)
+    in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
+    same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
+    v_prev, kl_prev, gate_prev = (shift_right(a, 1, axis=2) for a in (v, kl, gate))  # block n-1 at n
+    # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
     s = jnp.einsum("bhnkr,bhnjr->bhnkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
     kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window) * jnp.swapaxes(gate_prev, -1, -2)
     num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v_prev.astype(jnp.float32))
@@ -313,10 +336,23 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
     num += read_out[..., :c]
     den += read_out[..., c]
-    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
-                                                         preferred_element_type=jnp.float32))
-    y = y.astype(v.dtype)
-    return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
+    return num, den
+
+
+def _far_dense(ql, kl, v, gate, seg, seg_prev, block):
+    """`_far_blocked` as one [N, N] kernel matrix: O(N^2 (r + c)), cheaper for short rows
+    (below ~3 F (c + 1) / (r + c) positions) where the block states' F = taylor_size(r)
+    features cost more than the pairs themselves."""
+    bsz, h, n, _, c = v.shape
+    r = ql.shape[-1]
+    flat = lambda a: a.reshape(bsz, a.shape[1], n * block, a.shape[-1])  # noqa: E731  [b,h,N,e]
+    segf = seg.reshape(bsz, 1, n * block)
+    t = jnp.arange(n * block)
+    older = (t[:, None] - t[None, :] >= block) & (segf[..., :, None] == segf[..., None, :])  # [b,1,N,N]
+    s = jnp.einsum("bhtr,bhsr->bhts", flat(ql), flat(kl)).astype(jnp.float32) / math.sqrt(r)
+    kern = (1.0 + s + 0.5 * s * s) * older * jnp.swapaxes(flat(gate), -1, -2)
+    num = jnp.einsum("bhts,bhsc->bhtc", kern, flat(v).astype(jnp.float32))
+    return num.reshape(bsz, h, n, block, c), jnp.sum(kern, axis=-1).reshape(bsz, h, n, block)
 
 
 def joint_read(logits: Array, num: Array, den: Array, weigh: Callable[[Array], Array]) -> Array:

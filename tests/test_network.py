@@ -264,7 +264,8 @@ def _dense_recall(q, k, v, ql, kl, gate, seg, block):
     return out
 
 
-def test_axial_recall_matches_dense_reference():
+@pytest.mark.parametrize("dense_far", [False, True])
+def test_axial_recall_matches_dense_reference(dense_far):
     """The blocked computation (window + pairwise + per-block states, one denominator) equals the
     O(N^2) definition, with packed segments (starting mid-block, spanning several blocks, a
     2-token one), padding id 0, and logits large enough to overflow a naive exp."""
@@ -277,12 +278,12 @@ def test_axial_recall_matches_dense_reference():
     seg[1, 9:20], seg[1, 20:] = 2, 0
     seg[2, 5:7], seg[2, 7:] = 2, 3  # segment 3 spans blocks 1-5: its states run over 4 blocks
     args = (q, k, v, ql, kl, gate, seg)
-    got = mixers.axial_recall(*map(jnp.asarray, args), block)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far)
     np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-5, atol=1e-5)
     # Window logits of +-60 (exp overflows fp32 at 89) and Taylor sums of ~1e4: still exact.
     q2, k2 = q * 8.0, k * 8.0
     args = (q2, k2, v, ql * 6.0, kl * 6.0, gate, seg)
-    got = mixers.axial_recall(*map(jnp.asarray, args), block)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-4, atol=1e-4)
 
