@@ -260,7 +260,8 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = taylor_size(r): O(N^1.5) at K = sqrt(N).
     Rows shorter than ~3 F (c + 1) / (r + c) positions (~300 at r = 16, c = 32) compute the
     recall part as one [N, N] kernel matrix instead (`dense_far`; None: by that cost), the
-    same sums at fewer multiply-adds there. Internally heads lead ([b, h, n, K, ...]) so every contraction is a batched matmul.
+    same sums at fewer multiply-adds there. Internally heads lead ([b, h, n, K, ...]) so
+    every contraction is a batched matmul.
     """
     bsz, length, h, c = q.shape
     n = -(-length // block)
