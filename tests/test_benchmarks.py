@@ -175,3 +175,22 @@ def test_committed_results_are_well_formed(name):
         "memory": len(run.Sizes().mem_depths), "throughput": len(run.Sizes().tp_lengths)
     }.get(name, EXPECTED[name][2])
     check_section(RESULTS, name, rows, allow_missing=True)
+
+
+def test_recall_claim_counts_finished_points_only():
+    from benchmarks import recall
+
+    def point(task, steps, recall_bits, attention_bits=0.0):
+        models = {m: {"params": 1, "accuracy": 1.0, "bits": b}
+                  for m, b in (("recall", recall_bits), ("axial", 6.0), ("attention", attention_bits))}
+        return {"task": task, "steps": steps, "models": models}
+
+    s = recall.Setup(steps=1500)
+    done = [point("a", 1500, 0.01), point("b", 1500, 0.04)]
+    (target,) = recall.section(done, s).targets
+    assert target.met and target.measured == "worst +0.040"
+    # A point in progress (its models' last common step < the protocol's) is listed, not claimed.
+    (target,) = recall.section(done + [point("c", 600, 5.0, 5.5)], s).targets
+    assert not target.met and target.measured == "worst +0.040 (1 point in progress)"
+    (target,) = recall.section(done + [point("d", 1500, 0.39)], s).targets
+    assert not target.met and target.measured == "worst +0.390"
