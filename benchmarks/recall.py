@@ -8,7 +8,9 @@ on `olmax_recall_{P}x{L}` and scores the held-out rows' answer positions: accura
 bits per answer token (perfect recall: 0; guessing among the 64 values: 6).
 Writes benchmarks/results/recall.{md,json,png} after every round of chunks (the point in
 progress at the models' last common step), so a run that is stopped keeps what it measured;
---merge keeps the points of recall.json that this run does not re-measure.
+--merge keeps the points of recall.json that this run does not re-measure; with
+--mixers recall it also keeps the other two mixers' figures of the points it re-measures
+(same setup and batches: for a change to the recall mixer only; each point's note says so).
 """
 from __future__ import annotations
 
@@ -176,7 +178,8 @@ def main(argv=None) -> None:
     parser.add_argument("--points", default="8x256,32x256,64x256,8x1024,32x1024,64x1024")
     parser.add_argument("--steps", type=int, default=Setup.steps)
     parser.add_argument("--out", default=OUT)
-    parser.add_argument("--mixers", default=",".join(MIXERS), help="a subset, for exploration (tables need all three)")
+    parser.add_argument("--mixers", default=",".join(MIXERS),
+                        help="a subset: for exploration, or with --merge to re-measure one changed mixer")
     parser.add_argument("--lr", type=float, default=Setup.learning_rate)
     parser.add_argument("--merge", action="store_true", help="keep recall.json's other points in the table")
     parser.add_argument("--recall_features", type=int, default=Setup.recall_features)
@@ -187,14 +190,33 @@ def main(argv=None) -> None:
     command = "python -m benchmarks.recall" + "".join(f" {a}" for a in (argv if argv is not None else []))
     previous = common.read_section(args.out, "recall") if args.merge else None
     done = previous["data"]["points"] if previous else []
+    mixers = tuple(args.mixers.split(","))
+    if previous and set(mixers) != set(MIXERS) and previous["data"]["setup"] != dataclasses.asdict(s):
+        raise SystemExit(f"--merge with --mixers {args.mixers} keeps the other mixers' figures from recall.json, "
+                         f"measured with another setup ({previous['data']['setup']}); re-run every mixer instead.")
+    earlier = {(p["pairs"], p["length"]): p for p in done}
     specs = [tuple(int(v) for v in spec.split("x")) for spec in args.points.split(",")]
     done = [p for p in done if (p["pairs"], p["length"]) not in specs]
     for p in done:
         p.setdefault("command", "(earlier run)")
     measured: list[dict] = []
 
+    def complete(point: dict) -> dict:
+        """With --merge and a subset of the mixers: the other mixers' figures from recall.json's
+        run of the same point (same setup, same batches; for a change to one mixer only)."""
+        old = earlier.get((point["pairs"], point["length"]))
+        if not old or len(point["models"]) == len(MIXERS):
+            return point
+        kept = [m for m in MIXERS if m not in point["models"]]
+        steps = min(point["steps"], old.get("steps", s.steps))
+        models = {m: point["models"].get(m) or old["models"][m] for m in MIXERS}
+        out = finish(dict(point, models={m: dict(r, curve=[c for c in r["curve"] if c[0] <= steps])
+                                         for m, r in models.items()}))
+        note = f"{', '.join(kept)} from the earlier run `{old.get('command', '(earlier run)')}`"
+        return dict(out, note="; ".join(n for n in (old.get("note"), note) if n))
+
     def write(progress: dict | None = None) -> None:
-        points = done + measured + ([dict(progress, command=command)] if progress else [])
+        points = done + [complete(p) for p in measured + ([dict(progress, command=command)] if progress else [])]
         points = sorted((p for p in points if len(p["models"]) == len(MIXERS)), key=lambda p: (p["length"], p["pairs"]))
         if not points:
             return
@@ -205,7 +227,7 @@ def main(argv=None) -> None:
         common.write_section(args.out, section(points, s), context)
 
     for pairs, length in specs:
-        measured.append(dict(run_point(pairs, length, s, log, write, tuple(args.mixers.split(","))), command=command))
+        measured.append(dict(run_point(pairs, length, s, log, write, mixers), command=command))
         write()
     table = os.path.join(args.out, "recall.md")
     if measured and os.path.exists(table):  # a subset of the mixers writes no table

@@ -3,7 +3,7 @@ sequence (`OlmaxConfig.mixer`), all on the grid [n_blocks, K] (t = n K + k, K = 
 or, for the baseline, over every position:
 
   recall     RecallMixer, the default: one normalized read by content, exact softmax
-             weights over the last K positions and gated Taylor-kernel weights (linear
+             weights over the last K positions and gated quadratic-kernel weights (linear
              attention, read from per-block states) over everything older: recalls by
              content at O(N^1.5) (axial_recall).
   axial      AxialMixer, the seed's MLP-Mixer: two learned causal lag filters, along the
@@ -220,24 +220,32 @@ class Attention(nn.Module):
 # --------------------------------------------------------------- axial recall mixer
 
 
-def taylor_features(x: Array) -> Array:
-    """phi(x) with phi(q) . phi(k) = 1 + s + s^2 / 2, s = q . k / sqrt(r): the second-order
-    Taylor expansion of exp(s), positive everywhere (>= 1/2), so it can normalize.
+def recall_kernel(s: Array) -> Array:
+    """The recall mixer's far weight of a pair with s = ql . kl / sqrt(r): s^2 / 2, the
+    second-order term of exp(s)'s Taylor series. No constant or linear term: a key that is
+    orthogonal to the query adds nothing. (The full `1 + s + s^2/2` makes each of the N older
+    tokens add >= 1/2, a mass a key must stand out of that grows with N: with it, 32 pairs in
+    1024 tokens were learned by step ~1300 of benchmarks.recall, with s^2/2 by step ~1000.)
+    >= 0, so the sums normalize."""
+    return 0.5 * s * s
 
-    x: [..., r] -> [..., F], F = 1 + r + r (r + 1) / 2, fp32. The quadratic term keeps each
-    pair i <= j once: x_i^2 / sqrt(2 r) on the diagonal, x_i x_j / sqrt(r) above it.
+
+def quadratic_features(x: Array) -> Array:
+    """phi(x) with phi(q) . phi(k) = recall_kernel(q . k / sqrt(r)) = (q . k)^2 / (2 r).
+
+    x: [..., r] -> [..., F], F = r (r + 1) / 2, fp32: each pair i <= j once, x_i^2 / sqrt(2 r)
+    on the diagonal, x_i x_j / sqrt(r) above it.
     """
     x = x.astype(jnp.float32)
     r = x.shape[-1]
     i, j = (jnp.asarray(a) for a in np.triu_indices(r))
     scale = jnp.where(i == j, 1.0 / math.sqrt(2.0 * r), 1.0 / math.sqrt(r))
-    quad = x[..., i] * x[..., j] * scale
-    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / r**0.25, quad], axis=-1)
+    return x[..., i] * x[..., j] * scale
 
 
-def taylor_size(r: int) -> int:
-    """F, the number of Taylor features of r recall features."""
-    return 1 + r + r * (r + 1) // 2
+def feature_size(r: int) -> int:
+    """F, the number of kernel features of r recall features."""
+    return r * (r + 1) // 2
 
 
 def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int,
@@ -251,14 +259,14 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     Output t is one normalized read sum_s w_ts v_s / sum_s w_ts over s <= t, same segment:
       window  w = exp(q_t . k_s / sqrt(c)) for the last K positions (lags 0..K-1): exact
               softmax weights on the offset axis, from block n and block n-1;
-      recall  w = g_s phi(ql_t) . phi(kl_s) (g_s: the write gate; phi . phi = 1 + s + s^2/2,
-              the Taylor kernel, linear attention) for every older position (lags >= K):
+      recall  w = g_s phi(ql_t) . phi(kl_s) (g_s: the write gate; phi . phi = s^2/2,
+              `recall_kernel`, linear attention) for every older position (lags >= K):
               block n-1's offsets j <= k pairwise, and blocks <= n-2 through per-block states
               sum_s g_s phi(kl_s) v_s^T [F, c]: the block axis.
     One denominator for both, so a query that matches nothing near reads mostly from far
     and the other way round; the gate lets a token (a filler, say) stay out of the memory.
-    Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = taylor_size(r): O(N^1.5) at K = sqrt(N).
-    Rows shorter than ~3 F (c + 1) / (r + c) positions (~300 at r = 16, c = 32) compute the
+    Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = feature_size(r): O(N^1.5) at K = sqrt(N).
+    Rows shorter than ~3 F (c + 1) / (r + c) positions (~280 at r = 16, c = 32) compute the
     recall part as one [N, N] kernel matrix instead (`dense_far`; None: by that cost), the
     same sums at fewer multiply-adds there. Internally heads lead ([b, h, n, K, ...]) so
     every contraction is a batched matmul.
@@ -289,7 +297,7 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
 
     r = ql.shape[-1]
     if dense_far is None:  # whichever costs fewer multiply-adds (scores + sums vs block states)
-        dense_far = n * block * (r + c) <= 3 * taylor_size(r) * (c + 1)
+        dense_far = n * block * (r + c) <= 3 * feature_size(r) * (c + 1)
     far = _far_dense if dense_far else _far_blocked
     num, den = far(ql, kl, v, gate, seg, seg_prev, block)
     y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
@@ -300,7 +308,7 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
 
 def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
     """The recall part of `axial_recall` over the grid: (num [b,h,n,K,c], den [b,h,n,K]) of the
-    gated Taylor kernel over lags >= K, from block n-1 pairwise and blocks <= n-2 through
+    gated kernel over lags >= K, from block n-1 pairwise and blocks <= n-2 through
     per-block states. O(N K r + N F c + n F c log n)."""
     n, c = ql.shape[2], v.shape[-1]
     r = ql.shape[-1]
@@ -310,7 +318,7 @@ def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
     v_prev, kl_prev, gate_prev = (shift_right(a, 1, axis=2) for a in (v, kl, gate))  # block n-1 at n
     # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
     s = jnp.einsum("bhnkr,bhnjr->bhnkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
-    kern = (1.0 + s + 0.5 * s * s) * (same_prev & ~in_window) * jnp.swapaxes(gate_prev, -1, -2)
+    kern = recall_kernel(s) * (same_prev & ~in_window) * jnp.swapaxes(gate_prev, -1, -2)
     num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v_prev.astype(jnp.float32))
     den = jnp.sum(kern, axis=-1)
     # Recall from blocks m <= n-2: each block's state holds its tokens of the segment that
@@ -320,7 +328,7 @@ def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
     # ending at n-2, so the sums are a running sum that restarts where `last` changes: a
     # linear scan over the blocks, O(n F c) (an [n, n] mask would cost O(n^2 F c)).
     last = seg[..., -1]  # [b,1,n]
-    fk = taylor_features(kl) * gate * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
+    fk = quadratic_features(kl) * gate * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
     v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones_like(v[..., :1], jnp.float32)], axis=-1)
     states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v1)  # [b,h,n,F,c+1]
     m = jnp.arange(n)
@@ -333,7 +341,7 @@ def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
     last_prev = seg_prev[..., -1]  # last[n-1]
     read = (shift_right(last, 2, axis=2) == last_prev) & (m >= 2)  # block n-2 ends in last[n-1]'s segment
     states = shift_right(states, 2, axis=2) * read.astype(jnp.float32)[..., None, None]  # what block n reads
-    fq = taylor_features(ql) * (seg == last_prev[..., None])[..., None]  # [b,h,n,k,F]
+    fq = quadratic_features(ql) * (seg == last_prev[..., None])[..., None]  # [b,h,n,k,F]
     read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
     num += read_out[..., :c]
     den += read_out[..., c]
@@ -342,7 +350,7 @@ def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
 
 def _far_dense(ql, kl, v, gate, seg, seg_prev, block):
     """`_far_blocked` as one [N, N] kernel matrix: O(N^2 (r + c)), cheaper for short rows
-    (below ~3 F (c + 1) / (r + c) positions) where the block states' F = taylor_size(r)
+    (below ~3 F (c + 1) / (r + c) positions) where the block states' F = feature_size(r)
     features cost more than the pairs themselves."""
     bsz, h, n, _, c = v.shape
     r = ql.shape[-1]
@@ -351,7 +359,7 @@ def _far_dense(ql, kl, v, gate, seg, seg_prev, block):
     t = jnp.arange(n * block)
     older = (t[:, None] - t[None, :] >= block) & (segf[..., :, None] == segf[..., None, :])  # [b,1,N,N]
     s = jnp.einsum("bhtr,bhsr->bhts", flat(ql), flat(kl)).astype(jnp.float32) / math.sqrt(r)
-    kern = (1.0 + s + 0.5 * s * s) * older * jnp.swapaxes(flat(gate), -1, -2)
+    kern = recall_kernel(s) * older * jnp.swapaxes(flat(gate), -1, -2)
     num = jnp.einsum("bhts,bhsc->bhtc", kern, flat(v).astype(jnp.float32))
     return num.reshape(bsz, h, n, block, c), jnp.sum(kern, axis=-1).reshape(bsz, h, n, block)
 
@@ -367,13 +375,33 @@ def joint_read(logits: Array, num: Array, den: Array, weigh: Callable[[Array], A
     and a query with nothing older (den = 0) reads plain softmax.
     """
     top = jnp.max(logits, axis=-1)
-    has_far = den > 0
+    has_far = den > _TINY_SUM
     log_den = jnp.where(has_far, jnp.log(jnp.where(has_far, den, 1.0)), -jnp.inf)
     scale = jax.lax.stop_gradient(jnp.maximum(top, log_den))  # the result does not depend on it
     p = jnp.exp(logits - scale[..., None])
     far = jnp.exp(log_den - scale)  # den exp(-M), in [0, 1]
-    mean_far = num / jnp.where(has_far, den, 1.0)[..., None]
+    mean_far = _mean(num, jnp.where(has_far, den, 1.0))
     return (weigh(p) + far[..., None] * mean_far) / (jnp.sum(p, axis=-1) + far)[..., None]
+
+
+# Kernel sums below this are read as empty: their weight is < 1e-30 of one window term unless
+# every window logit is below -69. Keeps the denominators of `_mean`'s derivative normal.
+_TINY_SUM = 1e-30
+
+
+@jax.custom_jvp
+def _mean(num: Array, den: Array) -> Array:
+    """num / den[..., None] with the derivative (dnum - mean dden) / den: autodiff's
+    -num dden / den^2 squares den, which underflows to 0 in fp32 below ~1e-19 and made the
+    gradient -inf where a far sum was tiny (a closed write gate, a key orthogonal to the query)."""
+    return num / den[..., None]
+
+
+@_mean.defjvp
+def _mean_jvp(primals, tangents):
+    (num, den), (dnum, dden) = primals, tangents
+    mean = num / den[..., None]
+    return mean, (dnum - mean * dden[..., None]) / den[..., None]
 
 
 class RecallMixer(nn.Module):
@@ -382,12 +410,13 @@ class RecallMixer(nn.Module):
     The fixed lag filters of the AxialMixer cannot look a value up by its key. This mixer
     keeps the same grid but mixes by content (see `axial_recall`): one normalized read of
     the values, with exact softmax weights over a sliding window of K positions (the offset
-    axis) and Taylor-kernel (linear attention) weights over everything older, read from
+    axis) and quadratic-kernel (linear attention) weights over everything older, read from
     per-block states (the block axis). A write gate g_s = sigmoid(x_s . w + b) per head
     scales what each token adds to those states, so tokens that carry nothing to recall
     stay out of the long-range read. Heads `num_heads`, recall features `recall_features`
     per head. Strictly causal, full causal receptive field in one layer (every older pair
-    has weight >= g_s / 2 > 0), packed segments mixed as if alone.
+    has weight g_s s^2 / 2 > 0 unless its recall key is orthogonal to the query), packed
+    segments mixed as if alone.
 
     A decode step keeps the last K keys, values, recall keys and write gates [b, K, h, *]
     and the recall state [b, h, F, c] with its normalizer [b, h, F] (fp32): the position
@@ -412,7 +441,7 @@ class RecallMixer(nn.Module):
             shapes = {"keys": c, "values": c, "recall_keys": r, "write_gates": 1}
             dtypes = {n: jnp.float32 if n == "write_gates" else cfg.dtype for n in shapes}
             window = {n: cache_variable(self, decode, n, (bsz, block, h, e), dtypes[n]) for n, e in shapes.items()}
-            feats = taylor_size(r)
+            feats = feature_size(r)
             state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32)
             norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
             if decode == "init":
@@ -432,7 +461,7 @@ class RecallMixer(nn.Module):
                 for name, a in zip(shapes, (k, v, kl, gate[..., None])):
                     window[name].value = last_positions(a.astype(dtypes[name]), lengths, block)
                 older = (jnp.arange(length)[None, :] <= lengths[:, None] - 1 - block).astype(jnp.float32)
-                fk = taylor_features(kl) * (gate * older[..., None])[..., None]  # [b,t,h,F]
+                fk = quadratic_features(kl) * (gate * older[..., None])[..., None]  # [b,t,h,F]
                 state.value = jnp.einsum("bthf,bthc->bhfc", fk, v.astype(jnp.float32))
                 norm.value = jnp.sum(fk, axis=1)
         return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
@@ -448,7 +477,7 @@ def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql
     )
     block = keys.shape[1] - 1
     # Position t-K leaves the window for the recall state (if it exists).
-    leaving = taylor_features(rkeys[:, 0]) * (gates[:, 0].astype(jnp.float32) * (t >= block)[:, None, None])
+    leaving = quadratic_features(rkeys[:, 0]) * (gates[:, 0].astype(jnp.float32) * (t >= block)[:, None, None])
     state.value = state.value + jnp.einsum("bhf,bhc->bhfc", leaving, values[:, 0].astype(jnp.float32))
     norm.value = norm.value + leaving
     keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
@@ -456,7 +485,7 @@ def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql
     logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)
     valid = t[:, None] - block + 1 + jnp.arange(block)[None, :] >= 0  # [b,j]
     logits = jnp.where(valid[:, None], logits, -jnp.inf)
-    fq = taylor_features(ql[:, 0])  # [b,h,F]
+    fq = quadratic_features(ql[:, 0])  # [b,h,F]
     num = jnp.einsum("bhf,bhfc->bhc", fq, state.value)
     den = jnp.einsum("bhf,bhf->bh", fq, norm.value)
     y = joint_read(logits, num, den, lambda p: jnp.einsum("bhj,bjhc->bhc", p.astype(values.dtype), values,

@@ -59,7 +59,7 @@ class OlmaxConfig:
     mixer_heads: int = 4
     # Heads of the attention baseline and of the recall mixer.
     num_heads: int = 4
-    # Recall mixer: features per head of its linear-attention (Taylor) kernel.
+    # Recall mixer: features per head of its linear-attention (quadratic) kernel.
     recall_features: int = 16
     # Mixture of experts.
     expert_top_k: int = 2

@@ -43,7 +43,7 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
             per_layer += 2 * d * (n_blocks + 2 * cfg.mixer_block)  # token mixing (both axes)
         elif cfg.mixer == "recall":
             k, h, r = cfg.mixer_block, cfg.num_heads, cfg.recall_features
-            states = h * mixers.taylor_size(r) * (d // h)  # one token into or out of a [F, c] state per head
+            states = h * mixers.feature_size(r) * (d // h)  # one token into or out of a [F, c] state per head
             n_blocks = -(-length // k)
             per_layer += 2 * (4 * d * d + 2 * d * h * r + d * h)  # projections (q, k, v, out, recall q, k; gate)
             per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; block n-1's older half

@@ -245,8 +245,8 @@ def test_axial_mixer_matches_dense_reference():
 
 
 def _dense_recall(q, k, v, ql, kl, gate, seg, block):
-    """Per (t, s) pair: weight exp(q.k / sqrt(c)) over lags < block, g_s (1 + s + s^2/2) over lags
-    >= block, one normalization over both."""
+    """Per (t, s) pair: weight exp(q.k / sqrt(c)) over lags < block, g_s s^2/2 over lags >= block
+    (s = ql.kl / sqrt(r)), one normalization over both."""
     b, t, h, c = q.shape
     r = ql.shape[-1]
     out = np.zeros_like(q)
@@ -258,7 +258,7 @@ def _dense_recall(q, k, v, ql, kl, gate, seg, block):
                 weights.append(np.exp(np.float64(q[bi, ti, hi] @ k[bi, si, hi]) / np.sqrt(c)))
             else:
                 s = np.float64(ql[bi, ti, hi] @ kl[bi, si, hi]) / np.sqrt(r)
-                weights.append(gate[bi, si, hi] * (1 + s + s * s / 2))
+                weights.append(gate[bi, si, hi] * s * s / 2)
         weights = np.array(weights)
         out[bi, ti, hi] = weights @ v[bi, src, hi] / weights.sum()
     return out
@@ -280,12 +280,32 @@ def test_axial_recall_matches_dense_reference(dense_far):
     args = (q, k, v, ql, kl, gate, seg)
     got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far)
     np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-5, atol=1e-5)
-    # Window logits of +-60 (exp overflows fp32 at 89) and Taylor sums of ~1e4: still exact.
+    # Window logits of +-60 (exp overflows fp32 at 89) and kernel sums of ~1e4: still exact.
     q2, k2 = q * 8.0, k * 8.0
     args = (q2, k2, v, ql * 6.0, kl * 6.0, gate, seg)
     got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-4, atol=1e-4)
+
+
+def test_joint_read_gradient_is_exact_for_tiny_far_sums():
+    """A far sum of 1e-20 (a closed write gate, a key orthogonal to the query) has finite,
+    exact derivatives: y = (W + num) / (P + den) with window weights P, W; a plain num / den
+    squares den and gave -inf here. Below 1e-30 the far sum reads as empty."""
+    logits, values = jnp.array([[0.0, -1.0]]), jnp.array([[1.0], [2.0]])
+    P, W = 1 + np.exp(-1.0), 1 + 2 * np.exp(-1.0)
+
+    def y(den, num):
+        return mixers.joint_read(logits, num, den, lambda p: p @ values).sum()
+
+    for tiny in (1e-3, 1e-20, 1e-29):
+        den, num = jnp.array([tiny]), jnp.array([[3 * tiny]])
+        d_den, d_num = jax.grad(y, argnums=(0, 1))(den, num)
+        np.testing.assert_allclose(y(den, num), (W + 3 * tiny) / (P + tiny), rtol=1e-6)
+        np.testing.assert_allclose(d_den, [-(W + 3 * tiny) / (P + tiny) ** 2], rtol=1e-5)
+        np.testing.assert_allclose(d_num, [[1 / (P + tiny)]], rtol=1e-5)
+    d_den, d_num = jax.grad(y, argnums=(0, 1))(jnp.array([1e-31]), jnp.array([[3e-31]]))
+    assert float(d_den[0]) == 0.0 and float(d_num[0, 0]) == 0.0
 
 
 def test_config_errors_name_the_problem():
