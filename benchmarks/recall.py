@@ -44,6 +44,7 @@ class Setup:
     warmup_steps: int = 50
     val_rows: int = 64
     recall_features: int = network.OlmaxConfig.recall_features
+    seed: int = 0  # every model's parameter initialization (the batches do not change)
 
 
 def config(mixer: str, length: int, s: Setup) -> network.OlmaxConfig:
@@ -93,7 +94,7 @@ def run_point(pairs: int, length: int, s: Setup, log, on_progress, mixers=MIXERS
         return b
 
     trainees = [common.Trainee(m, config(m, length, s), (batch, length), answers_only, [],
-                               learning_rate=s.learning_rate, warmup_steps=s.warmup_steps) for m in mixers]
+                               learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, seed=s.seed) for m in mixers]
     rows = {t.name: {"params": t.params, "curve": []} for t in trainees}
     point = {"pairs": pairs, "length": length, "batch": batch, "task": task, "models": rows}
     order = list(trainees)
@@ -183,15 +184,17 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=Setup.learning_rate)
     parser.add_argument("--merge", action="store_true", help="keep recall.json's other points in the table")
     parser.add_argument("--recall_features", type=int, default=Setup.recall_features)
+    parser.add_argument("--seed", type=int, default=Setup.seed, help="parameter initialization (write elsewhere: --out)")
     args = parser.parse_args(argv)
-    s = Setup(steps=args.steps, learning_rate=args.lr, recall_features=args.recall_features)
+    s = Setup(steps=args.steps, learning_rate=args.lr, recall_features=args.recall_features, seed=args.seed)
     start, load0 = time.perf_counter(), common.load()
     log = functools.partial(print, flush=True)
     command = "python -m benchmarks.recall" + "".join(f" {a}" for a in (argv if argv is not None else []))
     previous = common.read_section(args.out, "recall") if args.merge else None
     done = previous["data"]["points"] if previous else []
     mixers = tuple(args.mixers.split(","))
-    if previous and set(mixers) != set(MIXERS) and previous["data"]["setup"] != dataclasses.asdict(s):
+    earlier_setup = {**dataclasses.asdict(Setup()), **previous["data"]["setup"]} if previous else None
+    if previous and set(mixers) != set(MIXERS) and earlier_setup != dataclasses.asdict(s):
         raise SystemExit(f"--merge with --mixers {args.mixers} keeps the other mixers' figures from recall.json, "
                          f"measured with another setup ({previous['data']['setup']}); re-run every mixer instead.")
     earlier = {(p["pairs"], p["length"]): p for p in done}
