@@ -225,7 +225,8 @@ def recall_kernel(s: Array) -> Array:
     second-order term of exp(s)'s Taylor series. No constant or linear term: a key that is
     orthogonal to the query adds nothing. (The full `1 + s + s^2/2` makes each of the N older
     tokens add >= 1/2, a mass a key must stand out of that grows with N: with it, 32 pairs in
-    1024 tokens were learned by step ~1300 of benchmarks.recall, with s^2/2 by step ~1000.)
+    1024 tokens were learned by step ~1300 of benchmarks.recall, with s^2/2 by ~1000 and
+    ~1200 in two runs.)
     >= 0, so the sums normalize."""
     return 0.5 * s * s
 
