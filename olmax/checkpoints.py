@@ -94,6 +94,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         if save_cfg is not None:
             hide_closed_event_loop_reports()
+            _quiet_abandoned_tasks()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -217,7 +218,7 @@ class Checkpointer:
                 where = "" if moved == "(left in place)" else f"moved it to {moved}; "
                 logging.warning("Checkpoint %s/%d is unreadable (could not be loaded: %s); %s%s.",
                                 self.directory, step, reason[:300], where, nxt)
-            _quiet_abandoned_reads()
+            _quiet_abandoned_tasks()
         return None
 
     def _set_aside(self, step: int) -> str:
@@ -236,24 +237,27 @@ class Checkpointer:
         return dst
 
 
-class _AbandonedReads(logging_std.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports (see _quiet_abandoned_reads)."""
+class _AbandonedTasks(logging_std.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports (see _quiet_abandoned_tasks)."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
         return "exception was never retrieved" not in record.getMessage()
 
 
-def _quiet_abandoned_reads() -> None:
-    """Silences the echoes of a failed checkpoint read, for the rest of the process.
+def _quiet_abandoned_tasks() -> None:
+    """Silences the echoes of a failed checkpoint read or write, for the rest of the process.
 
-    Orbax reads a checkpoint's arrays concurrently and raises on the first error; the
-    sibling reads fail the same way later, unawaited, and Python reports each at
-    exit as "Task exception was never retrieved" or "coroutine ... was never awaited",
-    after the binary's own one-line error. The warning logged for the step already
-    names the error, so these repeats are dropped once a read has failed.
+    Orbax reads and writes a checkpoint's arrays concurrently and raises on the first
+    error; the sibling reads or writes fail the same way later, unawaited, and Python
+    reports each as "Task exception was never retrieved" or "coroutine ... was never
+    awaited", after the binary's own one-line error. That error (or the warning logged
+    for an unreadable step) already names the cause, so these repeats are dropped: once a
+    read has failed, and from the start in a process that saves, since a failed write's
+    siblings can be reported before the save error reaches the training loop. Olmax runs
+    no other asyncio tasks.
     """
-    if not any(isinstance(f, _AbandonedReads) for f in asyncio.log.logger.filters):
-        asyncio.log.logger.addFilter(_AbandonedReads())
+    if not any(isinstance(f, _AbandonedTasks) for f in asyncio.log.logger.filters):
+        asyncio.log.logger.addFilter(_AbandonedTasks())
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
