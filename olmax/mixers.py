@@ -221,13 +221,12 @@ class Attention(nn.Module):
 
 
 def recall_kernel(s: Array) -> Array:
-    """The recall mixer's far weight of a pair with s = ql . kl / sqrt(r): s^2 / 2, the
+    """The recall mixer's far weight of a pair with s = ql . kl / sqrt(r): s^2 / 2 >= 0, the
     second-order term of exp(s)'s Taylor series. No constant or linear term: a key that is
     orthogonal to the query adds nothing. (The full `1 + s + s^2/2` makes each of the N older
     tokens add >= 1/2, a mass a key must stand out of that grows with N: with it, 32 pairs in
     1024 tokens were learned by step ~1300 of benchmarks.recall, with s^2/2 by ~1000 and
-    ~1200 in two runs.)
-    >= 0, so the sums normalize."""
+    ~1200 in two runs.)"""
     return 0.5 * s * s
 
 
@@ -373,7 +372,7 @@ def joint_read(logits: Array, num: Array, den: Array, weigh: Callable[[Array], A
     fp32 (p may be rounded to the compute dtype for that matmul, as softmax attention does).
     Scaled by exp(-M), M = max(largest logit, log den) (the log-sum-exp trick, extended to
     the kernel sums), so every weight is <= 1 and the denominator >= 1: nothing overflows,
-    and a query with nothing older (den = 0) reads plain softmax.
+    and a query with nothing older (den = 0, or below 1e-30) reads plain softmax.
     """
     top = jnp.max(logits, axis=-1)
     has_far = den > _TINY_SUM
