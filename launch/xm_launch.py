@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from launch import shell_join, split_argv
+from launch import shell_join, split_argv, tpu_vm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # xm.JobRequirements keyword -> the pip extra with that platform's jax.
@@ -55,6 +55,10 @@ def job_spec(args: argparse.Namespace, forwarded: Sequence[str]) -> dict[str, An
         raise ValueError("No --gin_file to forward: give the training command's flags after `--`.")
     if not any(a.startswith(("--gin.MODEL_DIR", "--gin_bindings=MODEL_DIR")) for a in job_args):
         raise ValueError("Set --model_dir=gs://... (or --gin.MODEL_DIR): the job's container has no other place to keep checkpoints.")
+    for key, value in tpu_vm.directory_settings(job_args).items():
+        if "://" not in value and not value.startswith("/gcs/"):
+            raise ValueError(f"{key}={value!r} is on the job container's disk, which is gone when the job ends. "
+                             f"Use a bucket: gs://my-bucket/{key.lower()} (or /gcs/my-bucket/..., Vertex's mount of it).")
     extra = ACCELERATORS[args.accelerator]
     name = os.path.basename(REPO)
     return {

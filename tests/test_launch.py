@@ -121,6 +121,18 @@ def test_xm_errors(capsys):
     with pytest.raises(SystemExit):
         xm_launch.main(["--dry_run", "--", *GIN[:1]])
     assert "--model_dir" in capsys.readouterr().err
+    # A directory on the container's own disk is lost with the container: refused, with the fix.
+    for model_dir, needle in (("runs/x", "MODEL_DIR='runs/x'"), ("/tmp/x", "gs://my-bucket/model_dir")):
+        with pytest.raises(SystemExit):
+            xm_launch.main(["--accelerator=tpu_v3", f"--model_dir={model_dir}", "--dry_run", "--", *GIN[:1]])
+        assert needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        xm_launch.main(["--accelerator=tpu_v3", "--model_dir=gs://b/x", "--dry_run", "--", *GIN[:1],
+                        "--gin.INFER_OUTPUT_DIR='out'"])
+    assert "INFER_OUTPUT_DIR='out'" in capsys.readouterr().err
+    spec = json.loads("\n".join(_lines(capsys, xm_launch.main, ["--accelerator=tpu_v3", "--model_dir=/gcs/b/x",
+                                                                "--dry_run", "--", *GIN[:1]])))
+    assert "--gin.MODEL_DIR='/gcs/b/x'" in spec["args"]
 
 
 def test_tpu_vm_installs_into_a_fresh_directory_and_never_deletes(capsys):
