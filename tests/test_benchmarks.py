@@ -180,17 +180,31 @@ def test_committed_results_are_well_formed(name):
 def test_recall_claim_counts_finished_points_only():
     from benchmarks import recall
 
-    def point(task, steps, recall_bits, attention_bits=0.0):
-        models = {m: {"params": 1, "accuracy": 1.0, "bits": b}
-                  for m, b in (("recall", recall_bits), ("axial", 6.0), ("attention", attention_bits))}
-        return {"task": task, "steps": steps, "models": models}
+    def point(task, steps, recall_bits, attention_bits=0.0, target_steps=None, curve_at=()):
+        """A point measured up to `steps`; `curve_at` {step: (recall bits, attention bits)} earlier."""
+        figures = {**dict(curve_at), steps: (recall_bits, attention_bits)}
+        models = {m: {"params": 1, "curve": [(t, 1.0, f[i] if i < 2 else 6.0) for t, f in sorted(figures.items())]}
+                  for i, m in enumerate(("recall", "attention", "axial"))}
+        return {"task": task, "steps": steps, "target_steps": target_steps or steps, "models": models}
 
     s = recall.Setup(steps=1500)
     done = [point("a", 1500, 0.01), point("b", 1500, 0.04)]
     (target,) = recall.section(done, s).targets
     assert target.met and target.measured == "worst +0.040"
     # A point in progress (its models' last common step < the protocol's) is listed, not claimed.
-    (target,) = recall.section(done + [point("c", 600, 5.0, 5.5)], s).targets
+    (target,) = recall.section(done + [point("c", 600, 5.0, 5.5, target_steps=1500)], s).targets
     assert not target.met and target.measured == "worst +0.040 (1 point in progress)"
     (target,) = recall.section(done + [point("d", 1500, 0.39)], s).targets
     assert not target.met and target.measured == "worst +0.390"
+    # A point trained longer: the claim reads its figures at the protocol's step (a row), and a
+    # second claim its last step (a second row); until that step it is in progress there.
+    longer = point("e", 3000, 0.02, 0.0, curve_at={1500: (0.30, 0.01)})
+    sec = recall.section(done + [longer], s)
+    first, second = sec.targets
+    assert not first.met and first.measured == "worst +0.290"
+    assert second.met and second.measured == "worst +0.020"
+    assert [r[:2] for r in sec.rows] == [["a", 1500], ["b", 1500], ["e", 1500], ["e", 3000]]
+    growing = point("f", 2000, 0.02, 0.0, target_steps=3000, curve_at={1500: (0.03, 0.01)})
+    first, second = recall.section(done + [growing], s).targets
+    assert first.met and first.measured == "worst +0.040"
+    assert not second.met and second.measured == "none finished (1 point in progress)"
