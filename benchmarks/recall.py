@@ -145,7 +145,7 @@ def section(points: list[dict], s: Setup) -> common.Section:
             (gaps if step == PROTOCOL_STEPS else longer if step > PROTOCOL_STEPS and step >= target else []).append(gap)
             rows.append([p["task"], step] + fig + [gap])
         short += steps < PROTOCOL_STEPS  # listed at the step it reached, not claimed
-        long_open += PROTOCOL_STEPS <= steps < target
+        long_open += PROTOCOL_STEPS < target and steps < target
     measured = (f"worst {max(gaps):+.3f}" if gaps else "no point finished") + _in_progress(short)
     targets = [common.Target(f"recall mixer within 0.05 bits/token of attention at every point after {PROTOCOL_STEPS} steps",
                              "<= +0.05", measured, bool(gaps) and not short and max(gaps) <= 0.05)]

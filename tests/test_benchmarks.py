@@ -208,3 +208,7 @@ def test_recall_claim_counts_finished_points_only():
     first, second = recall.section(done + [growing], s).targets
     assert first.met and first.measured == "worst +0.040"
     assert not second.met and second.measured == "none finished (1 point in progress)"
+    early = point("g", 600, 5.0, 5.5, target_steps=3000)
+    first, second = recall.section(done + [longer, early], s).targets
+    assert first.measured == "worst +0.290 (1 point in progress)" and not first.met
+    assert second.measured == "worst +0.020 (1 point in progress)" and not second.met
