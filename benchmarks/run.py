@@ -496,7 +496,8 @@ def ablations(s: Sizes, out: str) -> Section:
         ],
         notes=[
             f"The quality section's Olmax model (features {s.q_features}, conv_features {s.q_conv_features}, depth "
-            f"{s.q_depth}, sequences {s.q_length}, batch {s.q_batch}, same optimizer and batches), changing one "
+            f"{s.q_depth}, {base.mixer} mixer, sequences {s.q_length}, batch {s.q_batch}, same optimizer and batches), "
+            "changing one "
             "thing at a time: `placement='pre'` (a norm before the block only) or `norm='layer'` (mean-centred, "
             "with a bias); and the unchanged model from another initialization seed: its distance to the first "
             "(one pair of seeds, a rough estimate of the noise) sets the bar, a difference counts when it is "
