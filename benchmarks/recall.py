@@ -2,10 +2,14 @@
 seed's axial MLP-Mixer and attention, at equal steps on the same batches.
 
     python -m benchmarks.recall [--points 8x256,32x256,64x256,8x1024,32x1024,64x1024] [--steps N] [--merge]
+    python -m benchmarks.recall --points 32x1024,64x1024 --steps 3000 --merge
 
 Each point trains the three models (same width, depth, recipe; interleaved in chunks)
 on `olmax_recall_{P}x{L}` and scores the held-out rows' answer positions: accuracy and
-bits per answer token (perfect recall: 0; guessing among the 64 values: 6).
+bits per answer token (perfect recall: 0; guessing among the 64 values: 6). The claim reads
+every point at 1500 steps; a point trained longer (--steps 3000) gets a second row at its
+last step, checked by a second claim (at 1024 tokens both attention and the recall mixer
+learn the lookup abruptly, somewhere between steps ~1000 and ~1500, or later).
 Writes benchmarks/results/recall.{md,json,png} after every round of chunks (the point in
 progress at the models' last common step), so a run that is stopped keeps what it measured;
 --merge keeps the points of recall.json that this run does not re-measure; with
@@ -142,7 +146,10 @@ def section(points: list[dict], s: Setup) -> common.Section:
         for step in sorted({min(steps, PROTOCOL_STEPS), steps}):
             fig = [v for m in MIXERS for v in curves[m][step]]
             gap = curves["recall"][step][1] - curves["attention"][step][1]
-            (gaps if step == PROTOCOL_STEPS else longer if step > PROTOCOL_STEPS and step >= target else []).append(gap)
+            if step == PROTOCOL_STEPS:
+                gaps.append(gap)
+            elif step > PROTOCOL_STEPS and step >= target:
+                longer.append(gap)
             rows.append([p["task"], step] + fig + [gap])
         short += steps < PROTOCOL_STEPS  # listed at the step it reached, not claimed
         long_open += PROTOCOL_STEPS < target and steps < target
@@ -177,6 +184,14 @@ def section(points: list[dict], s: Setup) -> common.Section:
         plots=["recall.png"],
         data={"setup": dataclasses.asdict(s), "points": points},
     )
+
+
+def table_points(kept: list[dict], new: list[dict]) -> list[dict]:
+    """The table's points: `new` ones, and of `kept` (recall.json's) those not re-measured yet,
+    so that a --merge run stopped midway still lists every point; complete ones only, sorted."""
+    fresh = {(p["pairs"], p["length"]) for p in new}
+    points = [dict(p, command=p.get("command", "(earlier run)")) for p in kept if (p["pairs"], p["length"]) not in fresh]
+    return sorted((p for p in points + new if len(p["models"]) == len(MIXERS)), key=lambda p: (p["length"], p["pairs"]))
 
 
 def plot(points: list[dict], out: str) -> None:
@@ -221,8 +236,6 @@ def main(argv=None) -> None:
     earlier = {(p["pairs"], p["length"]): p for p in done}
     specs = [tuple(int(v) for v in spec.split("x")) for spec in args.points.split(",")]
     done = [p for p in done if (p["pairs"], p["length"]) not in specs]
-    for p in done:
-        p.setdefault("command", "(earlier run)")
     measured: list[dict] = []
 
     def complete(point: dict) -> dict:
@@ -240,8 +253,8 @@ def main(argv=None) -> None:
         return dict(out, note="; ".join(n for n in (old.get("note"), note) if n))
 
     def write(progress: dict | None = None) -> None:
-        points = done + [complete(p) for p in measured + ([dict(progress, command=command)] if progress else [])]
-        points = sorted((p for p in points if len(p["models"]) == len(MIXERS)), key=lambda p: (p["length"], p["pairs"]))
+        points = table_points(done + [earlier[k] for k in specs if k in earlier],
+                              [complete(p) for p in measured + ([dict(progress, command=command)] if progress else [])])
         if not points:
             return
         os.makedirs(args.out, exist_ok=True)

@@ -177,6 +177,19 @@ def test_committed_results_are_well_formed(name):
     check_section(RESULTS, name, rows, allow_missing=True)
 
 
+def test_recall_merge_lists_points_not_yet_re_measured():
+    from benchmarks import recall
+
+    def point(pairs, length, steps, mixers=recall.MIXERS, **kw):
+        return {"pairs": pairs, "length": length, "steps": steps, "models": {m: {} for m in mixers}, **kw}
+
+    kept = [point(8, 1024, 1500, command="old"), point(32, 1024, 1500), point(8, 256, 1500)]
+    new = [point(32, 1024, 400, command="new"), point(64, 1024, 100, mixers=("recall",))]
+    points = recall.table_points(kept, new)
+    assert [(p["pairs"], p["length"], p["steps"]) for p in points] == [(8, 256, 1500), (8, 1024, 1500), (32, 1024, 400)]
+    assert [p["command"] for p in points] == ["(earlier run)", "old", "new"]
+
+
 def test_recall_claim_counts_finished_points_only():
     from benchmarks import recall
 
