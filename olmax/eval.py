@@ -27,6 +27,15 @@ from clu import metric_writers
 
 from olmax import checkpoints, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
+if __name__ == "__main__":
+    # `python -m olmax.eval`: run the importable module before this copy defines anything, so
+    # that Gin registers one `evaluate` (a second, `__main__.evaluate`, would make `--gin.evaluate.eval_steps=...`
+    # ambiguous).
+    from olmax.eval import console_main
+
+    console_main()
+    raise SystemExit(0)
+
 
 def _seqio_evaluate(model: models.DecoderOnlyLM, params, cfg: utils.DatasetConfig, step: int, output_dir: str,
                     score_step, max_decode_length: int | None = None) -> dict:
@@ -127,9 +136,3 @@ def evaluate(
 
 def console_main():
     gin_utils.run_binary(evaluate, run_file="runs/eval.gin")
-
-
-if __name__ == "__main__":
-    from olmax import eval as _eval
-
-    _eval.console_main()

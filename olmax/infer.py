@@ -24,6 +24,15 @@ from absl import flags, logging
 
 from olmax import decoding, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
+if __name__ == "__main__":
+    # `python -m olmax.infer`: run the importable module before this copy defines anything, so
+    # that Gin registers one `infer` (a second, `__main__.infer`, would make `--gin.infer.greedy=...`
+    # ambiguous).
+    from olmax.infer import console_main
+
+    console_main()
+    raise SystemExit(0)
+
 
 def _define_flags() -> None:
     if "prompt" not in flags.FLAGS:
@@ -145,9 +154,3 @@ def console_main():
     fl = flags.FLAGS
     gin_utils.run_binary(lambda: infer() if fl.prompt is None else infer(prompt=fl.prompt, num_samples=fl.num_samples),
                          run_file="runs/infer.gin")
-
-
-if __name__ == "__main__":
-    from olmax import infer as _infer
-
-    _infer.console_main()

@@ -30,6 +30,15 @@ from clu import metric_writers
 
 from olmax import checkpoints, gin_utils, models, multihost, optim, partitioning, perf, trainer, utils, validation
 
+if __name__ == "__main__":
+    # `python -m olmax.train`: run the importable module before this copy defines anything, so
+    # that Gin registers one `train` (a second, `__main__.train`, would make `--gin.train.eval_period=...`
+    # ambiguous).
+    from olmax.train import console_main
+
+    console_main()
+    raise SystemExit(0)
+
 
 class _Log:
     """Train metrics: kept on device until a log step, then one console line and TensorBoard scalars.
@@ -251,10 +260,3 @@ def train(
 
 def console_main():
     gin_utils.run_binary(train, run_file="runs/pretrain.gin")
-
-
-if __name__ == "__main__":
-    # Run the importable module, not this `__main__` copy, so Gin binds one `train`.
-    from olmax import train as _train
-
-    _train.console_main()

@@ -33,7 +33,7 @@ def run(module, *args, cwd=REPO, env=None, check=True):
 def trained(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("run") / "model")
     proc = run("olmax.train", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=20",
-               "--gin.train.train.profile_steps=(3, 2)", *SMALL)
+               "--gin.train.profile_steps=(3, 2)", *SMALL)
     return model_dir, proc
 
 
@@ -62,7 +62,7 @@ def test_eval_and_infer(trained):
     model_dir, _ = trained
     out = os.path.join(model_dir, "eval_out")
     run("olmax.eval", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", f"--gin.EVAL_OUTPUT_DIR={out}",
-        "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.BATCH_SIZE=4", "--gin.eval.evaluate.eval_steps=3",
+        "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.BATCH_SIZE=4", "--gin.evaluate.eval_steps=3",
         "--gin.utils.RestoreCheckpointConfig.mode=all")
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     saved = sorted(int(d) for d in os.listdir(model_dir) if d.isdigit())
@@ -72,7 +72,7 @@ def test_eval_and_infer(trained):
 
     infer_dir = os.path.join(model_dir, "infer_out")
     run("olmax.infer", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", f"--gin.INFER_OUTPUT_DIR={infer_dir}",
-        "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.infer.infer.max_examples=3",
+        "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.infer.max_examples=3",
         "--gin.infer.infer.max_decode_length=8", "--gin.infer.infer.prompt_length=16")
     (path,) = glob.glob(os.path.join(infer_dir, "*predict*.jsonl"))
     rows = [json.loads(line) for line in open(path)]
