@@ -28,13 +28,7 @@ from clu import metric_writers
 from olmax import checkpoints, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
 if __name__ == "__main__":
-    # `python -m olmax.eval`: run the importable module before this copy defines anything, so
-    # that Gin registers one `evaluate` (a second, `__main__.evaluate`, would make `--gin.evaluate.eval_steps=...`
-    # ambiguous).
-    from olmax.eval import console_main
-
-    console_main()
-    raise SystemExit(0)
+    gin_utils.run_importable_module("olmax.eval")
 
 
 def _seqio_evaluate(model: models.DecoderOnlyLM, params, cfg: utils.DatasetConfig, step: int, output_dir: str,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import logging
 import os
 import pathlib
 import re
 import sys
 import tokenize
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import gin
 from absl import flags
@@ -249,6 +250,15 @@ def user_message(e: BaseException) -> str:
     """The exception's message without the `In call to configurable ...` lines Gin appends."""
     lines = [line for line in str(e).splitlines() if not line.strip().startswith("In call to configurable")]
     return "\n".join(lines).strip() or type(e).__name__
+
+
+def run_importable_module(name: str) -> NoReturn:
+    """`python -m olmax.train` (eval, infer) runs the file as `__main__`: called from there before it
+    defines anything, this runs the binary of the importable module `name` and exits, so that Gin
+    knows one `train`, not a second `__main__.train` that makes `--gin.train.eval_period=...`
+    ambiguous."""
+    importlib.import_module(name).console_main()
+    raise SystemExit(0)
 
 
 def run_binary(entry: Callable[[], Any], run_file: str, argv: Sequence[str] | None = None) -> None:

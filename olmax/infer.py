@@ -25,13 +25,7 @@ from absl import flags, logging
 from olmax import decoding, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
 if __name__ == "__main__":
-    # `python -m olmax.infer`: run the importable module before this copy defines anything, so
-    # that Gin registers one `infer` (a second, `__main__.infer`, would make `--gin.infer.greedy=...`
-    # ambiguous).
-    from olmax.infer import console_main
-
-    console_main()
-    raise SystemExit(0)
+    gin_utils.run_importable_module("olmax.infer")
 
 
 def _define_flags() -> None:

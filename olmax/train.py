@@ -31,13 +31,7 @@ from clu import metric_writers
 from olmax import checkpoints, gin_utils, models, multihost, optim, partitioning, perf, trainer, utils, validation
 
 if __name__ == "__main__":
-    # `python -m olmax.train`: run the importable module before this copy defines anything, so
-    # that Gin registers one `train` (a second, `__main__.train`, would make `--gin.train.eval_period=...`
-    # ambiguous).
-    from olmax.train import console_main
-
-    console_main()
-    raise SystemExit(0)
+    gin_utils.run_importable_module("olmax.train")
 
 
 class _Log:
