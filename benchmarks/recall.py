@@ -226,16 +226,16 @@ def main(argv=None) -> None:
     log = functools.partial(print, flush=True)
     command = "python -m benchmarks.recall" + "".join(f" {a}" for a in (argv if argv is not None else []))
     previous = common.read_section(args.out, "recall") if args.merge else None
-    done = previous["data"]["points"] if previous else []
     mixers = tuple(args.mixers.split(","))
-    earlier_setup = {**dataclasses.asdict(Setup()), **previous["data"]["setup"]} if previous else None
-    per_point = {"steps": None}  # each point records its own steps
-    if previous and set(mixers) != set(MIXERS) and {**earlier_setup, **per_point} != {**dataclasses.asdict(s), **per_point}:
+
+    def recipe(setup: dict) -> dict:  # the setup but its steps: each point records its own
+        return {k: v for k, v in {**dataclasses.asdict(Setup()), **setup}.items() if k != "steps"}
+
+    if previous and set(mixers) != set(MIXERS) and recipe(previous["data"]["setup"]) != recipe(dataclasses.asdict(s)):
         raise SystemExit(f"--merge with --mixers {args.mixers} keeps the other mixers' figures from recall.json, "
                          f"measured with another setup ({previous['data']['setup']}); re-run every mixer instead.")
-    earlier = {(p["pairs"], p["length"]): p for p in done}
+    earlier = {(p["pairs"], p["length"]): p for p in (previous["data"]["points"] if previous else [])}
     specs = [tuple(int(v) for v in spec.split("x")) for spec in args.points.split(",")]
-    done = [p for p in done if (p["pairs"], p["length"]) not in specs]
     measured: list[dict] = []
 
     def complete(point: dict) -> dict:
@@ -253,7 +253,7 @@ def main(argv=None) -> None:
         return dict(out, note="; ".join(n for n in (old.get("note"), note) if n))
 
     def write(progress: dict | None = None) -> None:
-        points = table_points(done + [earlier[k] for k in specs if k in earlier],
+        points = table_points(list(earlier.values()),
                               [complete(p) for p in measured + ([dict(progress, command=command)] if progress else [])])
         if not points:
             return
