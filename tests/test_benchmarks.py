@@ -225,3 +225,28 @@ def test_recall_claim_counts_finished_points_only():
     first, second = recall.section(done + [longer, early], s).targets
     assert first.measured == "worst +0.290 (1 point in progress)" and not first.met
     assert second.measured == "worst +0.020 (1 point in progress)" and not second.met
+
+
+def test_t5x_speed_claims_rest_on_a_bound_where_t5x_swapped():
+    from benchmarks import t5x_peer
+
+    def row(n, olmax, t5x):
+        return [n, 8192 // n, 5, olmax, t5x, None if None in (olmax, t5x) else olmax / t5x]
+
+    rows = [row(256, 900.0, 1000.0), row(4096, 5000.0, 500.0), row(8192, 4000.0, 200.0)]
+    by_length = lambda targets: {t.claim.rsplit("=", 1)[1]: t for t in targets}  # noqa: E731
+    claims = by_length(t5x_peer.speed_targets(rows, {}))
+    assert not claims["256"].met and claims["256"].measured == "0.90x"
+    assert claims["4096"].met and claims["8192"].met and claims["8192"].measured == "20.00x"
+    # T5X paged to swap at 8192: its tok/s there is too low to trust, so the claim rests on
+    # Olmax at 8192 against T5X at 4096 (T5X does more work per token at 8192).
+    claims = by_length(t5x_peer.speed_targets(rows, {8192: ("t5x",)}))
+    assert claims["8192"].met and claims["8192"].measured == "20.00x; T5X swapped, >= 8.00x against T5X at 4096"
+    slow = rows[:2] + [row(8192, 2000.0, 200.0)]  # 10x as measured, but only 4x against T5X at 4096
+    claims = by_length(t5x_peer.speed_targets(slow, {8192: ("t5x",)}))
+    assert not claims["8192"].met and claims["8192"].measured.endswith(">= 4.00x against T5X at 4096")
+    assert not by_length(t5x_peer.speed_targets(rows[2:], {8192: ("t5x",)}))["8192"].met  # nothing shorter
+    claims = by_length(t5x_peer.speed_targets(rows, {8192: ("olmax",)}))
+    assert not claims["8192"].met and claims["8192"].measured == "20.00x (Olmax swapped)"
+    # A length where T5X ran out of memory has no ratio and no claim.
+    assert "8192" not in by_length(t5x_peer.speed_targets(rows[:2] + [row(8192, 4000.0, None)], {}))
