@@ -8,8 +8,8 @@ With --prompt: the continuation of TEXT is printed (cached decoding; temperature
 top-k, top-p from Gin). Without: the examples of the task's split are decoded
 (`predict`: the first `prompt_length` tokens of each example are the prompt, or
 the `inputs` of a prefix-LM task) or scored (`score`: log-likelihood of each
-example's targets), one JSON object per line in INFER_OUTPUT_DIR/<task>-<mode>.jsonl,
-as T5X's infer writes them.
+example's targets, given its `inputs` for a prefix-LM task), one JSON object per
+line in INFER_OUTPUT_DIR/<task>-<mode>.jsonl, as T5X's infer writes them.
 """
 from __future__ import annotations
 
@@ -118,12 +118,17 @@ def infer(
         for batch in ds.batch(dataset_cfg.batch_size).as_numpy_iterator():
             batch = {k: np.asarray(v) for k, v in batch.items()}
             targets = batch["decoder_target_tokens"]
-            if mode == "score":
+            prefix = batch.get("decoder_causal_attention")  # a prefix-LM task (inputs + targets): BOS + inputs
+            if mode == "score":  # the log-likelihood of the targets given the inputs (loss weights)
                 scores = np.asarray(score_fn(params, batch))
-                rows = [{"targets": _decode(vocab, t), "score": float(s)} for t, s in zip(targets, scores)]
+                if prefix is None:
+                    rows = [{"targets": _decode(vocab, t), "score": float(s)} for t, s in zip(targets, scores)]
+                else:
+                    rows = [{"inputs": _decode(vocab, t[:n - 1]), "targets": _decode(vocab, t[n - 1:]), "score": float(s)}
+                            for t, n, s in zip(targets, prefix.sum(-1), scores)]
             else:
-                if "decoder_causal_attention" in batch:  # prefix LM: the inputs are the prompt
-                    lengths = batch["decoder_causal_attention"].sum(-1)
+                if prefix is not None:  # the inputs are the prompt
+                    lengths = prefix.sum(-1)
                 else:
                     lengths = np.minimum((targets > 0).sum(-1), prompt_length) + 1
                 width = int(lengths.max())

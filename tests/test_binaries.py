@@ -78,6 +78,24 @@ def test_eval_and_infer(trained):
     rows = [json.loads(line) for line in open(path)]
     assert len(rows) == 3 and all({"inputs", "prediction", "targets"} <= set(r) for r in rows)
 
+    # Score a prefix-LM task (inputs + targets): each row names its inputs and targets apart,
+    # and its score is the log-likelihood of the targets alone.
+    score_dir = os.path.join(model_dir, "score_out")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    run("olmax.infer", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", f"--gin.INFER_OUTPUT_DIR={score_dir}",
+        "--gin.INFER_MODE='score'", "--gin.MIXTURE_OR_TASK_NAME='olmax_next_line'",
+        "--gin.MIXTURE_OR_TASK_MODULE='t5x_interop_tasks'", "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 48}",
+        "--gin.infer.max_examples=3", env={"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])})
+    (path,) = glob.glob(os.path.join(score_dir, "*score*.jsonl"))
+    rows = [json.loads(line) for line in open(path)]
+    sys.path.insert(0, tests_dir)
+    import t5x_interop_tasks
+
+    pairs = t5x_interop_tasks.line_pairs()[:3]
+    assert [(r["inputs"], r["targets"]) for r in rows] == [(a, b) for a, b in pairs]
+    # Finite log-likelihoods of a model 20 steps from its start: between 1 and 20 nats per target byte.
+    assert all(-20 * len(b) < r["score"] < -len(b) for r, (_, b) in zip(rows, pairs))
+
     proc = run("olmax.infer", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}",
                "--gin.infer.infer.max_decode_length=16", "--prompt", "import os")
     printed = proc.stdout.strip().splitlines()
