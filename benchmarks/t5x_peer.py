@@ -14,9 +14,9 @@ quality  gin/models/tiny.gin + gin/runs/pretrain.gin (Olmax's defaults) against
 speed    training tokens/s (non-padding target tokens) at each length, same task, packed,
          the two binaries alternating; each run times its second half (after compilation).
          --xla_flags sets XLA_FLAGS for both binaries (for example XLA:CPU's memory-optimized
-         scheduler, with which T5X's step at 8192 asks for 15 GiB instead of 27.6). A run that
-         pages to swap is reported with the GiB it wrote there, and the ratio is then also
-         bounded against T5X's speed at the next shorter length (see `swap_bound`).
+         scheduler: T5X's step buffers at 8192 take 15 GiB with it, 27.6 without). A run that
+         pages to swap is reported with the GiB it wrote there; where T5X did, its claim rests
+         on T5X's speed at the next shorter length instead (see `swap_bound`).
 
 T5X is found through OLMAX_T5X_RUN (the runner script) or ../shared/peers/t5x-run beside
 the checkout. Writes benchmarks/results/t5x_{quality,speed}.{md,json}.
