@@ -187,6 +187,12 @@ def train(
     trainer.check_batch(train_dataset_cfg.batch_size, partitioner, microbatches)
     utils.check_lengths(train_dataset_cfg, model.config.max_length)
     length = train_dataset_cfg.task_feature_lengths["targets"]
+    # The data before MODEL_DIR is touched: a task whose data is missing (a TFDS dataset not
+    # yet built, an unknown split) fails here, not after the model is initialized.
+    data_shard = partitioner.data_shard(train_dataset_cfg.batch_size)
+    utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size, shard=data_shard)
+    if train_eval_dataset_cfg is not None and eval_period:
+        trainer.check_split(train_eval_dataset_cfg, partitioner)  # one full batch, before step 1
     validation.prepare_model_dir(model_dir)
     setup = trainer.TrainSetup(model, partitioner, (train_dataset_cfg.batch_size, length), optimizer, random_seed)
     logging.info("Model: %d parameters; mesh %s", models.param_count(setup.param_shapes), dict(partitioner.mesh.shape))
@@ -198,12 +204,10 @@ def train(
                         "Raise TRAIN_STEPS to continue this run.", model_dir, start, total_steps)
     if multihost.is_main_process():
         _record_config(model_dir, start)
-    if train_eval_dataset_cfg is not None and eval_period:
-        trainer.check_split(train_eval_dataset_cfg, partitioner)  # before step 1, not at the first eval
     steps = trainer.make_steps(setup, microbatches, random_seed)
     log = _Log(model_dir, setup, length, total_steps, start, peak_flops)
     data = utils.batches(utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size, skip_batches=start,
-                                           shard=partitioner.data_shard(train_dataset_cfg.batch_size)))
+                                           shard=data_shard))
     nonfinite = _NonFinite(max_consecutive_nonfinite)
     step = start
     try:

@@ -289,6 +289,15 @@ def test_unprepared_tfds_dataset_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^Task 'test_unprepared_lm1b' reads the TFDS dataset lm1b:1.1.0, "
                                                 r"which is not prepared .* \(`tfds build lm1b --data_dir=DIR`\)"):
         utils.get_dataset(utils.DatasetConfig("test_unprepared_lm1b", {"targets": 8}, batch_size=2))
+    # olmax.train meets it before it creates MODEL_DIR or initializes the model.
+    from olmax import models, network, train
+
+    model = models.DecoderOnlyLM(network.Olmax(network.OlmaxConfig(vocab_size=384, features=32, depth=1, max_length=8)))
+    model_dir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=r"^Task 'test_unprepared_lm1b' reads the TFDS dataset lm1b:1.1.0"):
+        train.train(model=model, model_dir=str(model_dir), total_steps=1,
+                    train_dataset_cfg=utils.DatasetConfig("test_unprepared_lm1b", {"targets": 8}, batch_size=8))
+    assert not model_dir.exists()
 
 
 @pytest.mark.slow
