@@ -189,8 +189,8 @@ def train(
     length = train_dataset_cfg.task_feature_lengths["targets"]
     # The data before MODEL_DIR is touched: a task whose data is missing (a TFDS dataset not
     # yet built, an unknown split) fails here, not after the model is initialized.
-    data_shard = partitioner.data_shard(train_dataset_cfg.batch_size)
-    utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size, shard=data_shard)
+    train_ds = utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size,
+                                 shard=partitioner.data_shard(train_dataset_cfg.batch_size))
     if train_eval_dataset_cfg is not None and eval_period:
         trainer.check_split(train_eval_dataset_cfg, partitioner)  # one full batch, before step 1
     validation.prepare_model_dir(model_dir)
@@ -206,8 +206,7 @@ def train(
         _record_config(model_dir, start)
     steps = trainer.make_steps(setup, microbatches, random_seed)
     log = _Log(model_dir, setup, length, total_steps, start, peak_flops)
-    data = utils.batches(utils.get_dataset(train_dataset_cfg, partitioner.data_parallel_size, skip_batches=start,
-                                           shard=data_shard))
+    data = utils.batches(train_ds.skip(start))  # a resumed run continues where its batches left off
     nonfinite = _NonFinite(max_consecutive_nonfinite)
     step = start
     try:

@@ -94,15 +94,14 @@ def get_dataset(
     cfg: DatasetConfig,
     data_parallel_size: int = 1,
     num_epochs: int | None = None,
-    skip_batches: int = 0,
     shard: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """This process's batches: dicts of [global_batch / shard count, length] int32.
 
     `shard` is (index, count), `PjitPartitioner.data_shard`: the slice of each
     global batch this process feeds (default: one shard per process). With
-    `shuffle` the order depends only on `seed`, so skipping `skip_batches`
-    reproduces the position of a run that consumed that many batches (resume).
+    `shuffle` the order depends only on `seed`, so skipping n batches (`ds.skip(n)`)
+    reproduces the position of a run that consumed n batches (resume).
     """
     if cfg.batch_size % max(1, data_parallel_size):
         raise ValueError(
@@ -136,8 +135,6 @@ def get_dataset(
     converter = seqio.DecoderFeatureConverter(pack=cfg.pack)
     ds = converter(ds, dict(cfg.task_feature_lengths))
     ds = ds.batch(cfg.batch_size // shard_count, drop_remainder=True)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

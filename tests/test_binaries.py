@@ -78,8 +78,7 @@ def test_eval_and_infer(trained):
     rows = [json.loads(line) for line in open(path)]
     assert len(rows) == 3 and all({"inputs", "prediction", "targets"} <= set(r) for r in rows)
 
-    # Score a prefix-LM task (inputs + targets): each row names its inputs and targets apart,
-    # and its score is the log-likelihood of the targets alone.
+    # Score a prefix-LM task (inputs + targets): each row names its inputs and targets apart.
     score_dir = os.path.join(model_dir, "score_out")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     run("olmax.infer", "--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={model_dir}", f"--gin.INFER_OUTPUT_DIR={score_dir}",
