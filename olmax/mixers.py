@@ -2,9 +2,9 @@
 sequence (`OlmaxConfig.mixer`), all on the grid [n_blocks, K] (t = n K + k, K = mixer_block)
 or, for the baseline, over every position:
 
-  recall     RecallMixer, the default: one normalized read by content, exact softmax
-             weights over the last K positions and gated quadratic-kernel weights (linear
-             attention, read from per-block states) over everything older: recalls by
+  recall     RecallMixer, the default: one normalized read by content, gated
+             quadratic-kernel weights (linear attention, read from per-block states) over
+             every past position plus exact softmax weights over the last K: recalls by
              content at O(N^1.5) (axial_recall).
   axial      AxialMixer, the seed's MLP-Mixer: two learned causal lag filters, along the
              block axis then the offset axis, with an activation between; input-independent.
@@ -13,8 +13,8 @@ or, for the baseline, over every position:
 
 They follow the block contract of olmax/layers.py (x [b, t, d], Context, decode mode) and
 its einsum letters. Their decode caches:
-  recall     the last K keys, values, recall keys and write gates [b, K, h, *] and the
-             recall state [b, h, F, c] with its normalizer [b, h, F] (fp32): constant size;
+  recall     the last K keys and values [b, K, h, c] and the recall state [b, h, F, c]
+             with its normalizer [b, h, F] (fp32): constant size;
   axial      the input history `inputs` [b, ceil(L/K) K, d] (stage 1 reads the
              positions t, t-K, t-2K, ...: O(L/K d)) and the last K-1 values of
              act(u) `mixed` [b, K-1, d] (stage 2's window: O(K d));
@@ -248,6 +248,12 @@ def feature_size(r: int) -> int:
     return r * (r + 1) // 2
 
 
+def pair_kernel(ql: Array, kl: Array) -> Array:
+    """[..., k, r] x [..., j, r] -> [..., k, j] fp32 recall weights recall_kernel(ql . kl / sqrt(r))."""
+    r = ql.shape[-1]
+    return recall_kernel(jnp.einsum("...kr,...jr->...kj", ql, kl).astype(jnp.float32) / math.sqrt(r))
+
+
 def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int,
                  dense_far: bool | None = None) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
@@ -256,15 +262,20 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     gate: [b, t, h] write gates in (0, 1), seg: [b, t] segment ids (contiguous segments, as
     packing makes them) -> [b, t, h, c].
 
-    Output t is one normalized read sum_s w_ts v_s / sum_s w_ts over s <= t, same segment:
-      window  w = exp(q_t . k_s / sqrt(c)) for the last K positions (lags 0..K-1): exact
-              softmax weights on the offset axis, from block n and block n-1;
-      recall  w = g_s phi(ql_t) . phi(kl_s) (g_s: the write gate; phi . phi = s^2/2,
-              `recall_kernel`, linear attention) for every older position (lags >= K):
-              block n-1's offsets j <= k pairwise, and blocks <= n-2 through per-block states
-              sum_s g_s phi(kl_s) v_s^T [F, c]: the block axis.
+    Output t is one normalized read sum_s w_ts v_s / sum_s w_ts over s <= t, same segment,
+    with w_ts the sum of two weights:
+      recall  g_s phi(ql_t) . phi(kl_s) (g_s: the write gate; phi . phi = s^2/2,
+              `recall_kernel`, linear attention) at every lag: the own block's offsets
+              j <= k pairwise, blocks <= n-1 through per-block states
+              sum_s g_s phi(kl_s) v_s^T [F, c]: the block axis;
+      window  + exp(q_t . k_s / sqrt(c)) for the last K positions (lags 0..K-1): exact
+              softmax weights on the offset axis, from block n and block n-1.
     One denominator for both, so a query that matches nothing near reads mostly from far
     and the other way round; the gate lets a token (a filler, say) stay out of the memory.
+    The recall weight covers the window's lags too: with it at lags >= K only, a key less
+    than K positions back could be found by the window's q . k alone, a second lookup that
+    the rare short-lag examples train slowly (at 32x1024, step 1500 of benchmarks.recall:
+    0.19 accuracy on answers whose key was < K back, 0.98 on the others).
     Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = feature_size(r): O(N^1.5) at K = sqrt(N).
     Rows shorter than ~3 F (c + 1) / (r + c) positions (~280 at r = 16, c = 32) compute the
     recall part as one [N, N] kernel matrix instead (`dense_far`; None: by that cost), the
@@ -308,44 +319,34 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
 
 def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
     """The recall part of `axial_recall` over the grid: (num [b,h,n,K,c], den [b,h,n,K]) of the
-    gated kernel over lags >= K, from block n-1 pairwise and blocks <= n-2 through
+    gated kernel over every lag, from the own block pairwise and blocks <= n-1 through
     per-block states. O(N K r + N F c + n F c log n)."""
-    n, c = ql.shape[2], v.shape[-1]
-    r = ql.shape[-1]
+    c = v.shape[-1]
     i = jnp.arange(block)
-    in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
-    same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
-    v_prev, kl_prev, gate_prev = (shift_right(a, 1, axis=2) for a in (v, kl, gate))  # block n-1 at n
-    # Recall from block n-1, lags >= K (j <= k), pairwise with the same kernel.
-    s = jnp.einsum("bhnkr,bhnjr->bhnkj", ql, kl_prev).astype(jnp.float32) / math.sqrt(r)
-    kern = recall_kernel(s) * (same_prev & ~in_window) * jnp.swapaxes(gate_prev, -1, -2)
-    num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v_prev.astype(jnp.float32))
+    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,n,k,j]: j <= k
+    kern = pair_kernel(ql, kl) * same_own * jnp.swapaxes(gate, -1, -2)
+    num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v.astype(jnp.float32))
     den = jnp.sum(kern, axis=-1)
-    # Recall from blocks m <= n-2: each block's state holds its tokens of the segment that
-    # is open at the block's end (`last`), with its normalizer as an extra value column; a
-    # query reads the sum over the blocks m <= n-2 that end in its own segment, if that one
-    # is already open at block n-1's end. Contiguous segments make those blocks one run
-    # ending at n-2, so the sums are a running sum that restarts where `last` changes: a
-    # linear scan over the blocks, O(n F c) (an [n, n] mask would cost O(n^2 F c)).
+    # Blocks m <= n-1: each block's state holds its tokens of the segment that is open at the
+    # block's end (`last`), with its normalizer as an extra value column; a query reads the
+    # sum over the blocks m <= n-1 that end in its own segment. Contiguous segments make
+    # those blocks one run ending at n-1, so the sums are a running sum that restarts where
+    # `last` changes: a linear scan over the blocks, O(n F c) (an [n, n] mask would cost
+    # O(n^2 F c)).
     last = seg[..., -1]  # [b,1,n]
     fk = quadratic_features(kl) * gate * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
     v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones_like(v[..., :1], jnp.float32)], axis=-1)
     states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v1)  # [b,h,n,F,c+1]
-    m = jnp.arange(n)
-    keep = ((last == shift_right(last, 1, axis=2)) & (m > 0)).astype(jnp.float32)[..., None, None]  # [b,1,n,1,1]
+    keep = ((last == shift_right(last, 1, axis=2)) & (jnp.arange(last.shape[-1]) > 0)).astype(jnp.float32)
 
     def running_sum(earlier, later):  # (keep, sum) pairs: sum_m = states_m + keep_m sum_{m-1}
         return earlier[0] * later[0], later[1] + later[0] * earlier[1]
 
-    _, states = jax.lax.associative_scan(running_sum, (keep, states), axis=2)
-    last_prev = seg_prev[..., -1]  # last[n-1]
-    read = (shift_right(last, 2, axis=2) == last_prev) & (m >= 2)  # block n-2 ends in last[n-1]'s segment
-    states = shift_right(states, 2, axis=2) * read.astype(jnp.float32)[..., None, None]  # what block n reads
-    fq = quadratic_features(ql) * (seg == last_prev[..., None])[..., None]  # [b,h,n,k,F]
+    _, states = jax.lax.associative_scan(running_sum, (keep[..., None, None], states), axis=2)
+    states = shift_right(states, 1, axis=2)  # what block n reads: the run up to block n-1
+    fq = quadratic_features(ql) * (seg == seg_prev[..., -1][..., None])[..., None]  # [b,h,n,k,F]
     read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
-    num += read_out[..., :c]
-    den += read_out[..., c]
-    return num, den
+    return num + read_out[..., :c], den + read_out[..., c]
 
 
 def _far_dense(ql, kl, v, gate, seg, seg_prev, block):
@@ -353,13 +354,11 @@ def _far_dense(ql, kl, v, gate, seg, seg_prev, block):
     (below ~3 F (c + 1) / (r + c) positions) where the block states' F = feature_size(r)
     features cost more than the pairs themselves."""
     bsz, h, n, _, c = v.shape
-    r = ql.shape[-1]
     flat = lambda a: a.reshape(bsz, a.shape[1], n * block, a.shape[-1])  # noqa: E731  [b,h,N,e]
     segf = seg.reshape(bsz, 1, n * block)
     t = jnp.arange(n * block)
-    older = (t[:, None] - t[None, :] >= block) & (segf[..., :, None] == segf[..., None, :])  # [b,1,N,N]
-    s = jnp.einsum("bhtr,bhsr->bhts", flat(ql), flat(kl)).astype(jnp.float32) / math.sqrt(r)
-    kern = recall_kernel(s) * older * jnp.swapaxes(flat(gate), -1, -2)
+    causal = (t[:, None] >= t[None, :]) & (segf[..., :, None] == segf[..., None, :])  # [b,1,N,N]
+    kern = pair_kernel(flat(ql), flat(kl)) * causal * jnp.swapaxes(flat(gate), -1, -2)
     num = jnp.einsum("bhts,bhsc->bhtc", kern, flat(v).astype(jnp.float32))
     return num.reshape(bsz, h, n, block, c), jnp.sum(kern, axis=-1).reshape(bsz, h, n, block)
 
@@ -372,7 +371,7 @@ def joint_read(logits: Array, num: Array, den: Array, weigh: Callable[[Array], A
     fp32 (p may be rounded to the compute dtype for that matmul, as softmax attention does).
     Scaled by exp(-M), M = max(largest logit, log den) (the log-sum-exp trick, extended to
     the kernel sums), so every weight is <= 1 and the denominator >= 1: nothing overflows,
-    and a query with nothing older (den = 0, or below 1e-30) reads plain softmax.
+    and a query with no recall weight (den = 0, or below 1e-30) reads plain softmax.
     """
     top = jnp.max(logits, axis=-1)
     has_far = den > _TINY_SUM
@@ -409,19 +408,18 @@ class RecallMixer(nn.Module):
 
     The fixed lag filters of the AxialMixer cannot look a value up by its key. This mixer
     keeps the same grid but mixes by content (see `axial_recall`): one normalized read of
-    the values, with exact softmax weights over a sliding window of K positions (the offset
-    axis) and quadratic-kernel (linear attention) weights over everything older, read from
-    per-block states (the block axis). A write gate g_s = sigmoid(x_s . w + b) per head
+    the values, with quadratic-kernel (linear attention) weights over the whole past, read
+    from per-block states (the block axis), plus exact softmax weights over a sliding window
+    of K positions (the offset axis). A write gate g_s = sigmoid(x_s . w + b) per head
     scales what each token adds to those states, so tokens that carry nothing to recall
     stay out of the long-range read. Heads `num_heads`, recall features `recall_features`
-    per head. Strictly causal, full causal receptive field in one layer (every older pair
+    per head. Strictly causal, full causal receptive field in one layer (every past pair
     has weight g_s s^2 / 2 > 0 unless its recall key is orthogonal to the query), packed
     segments mixed as if alone.
 
-    A decode step keeps the last K keys, values, recall keys and write gates [b, K, h, *]
-    and the recall state [b, h, F, c] with its normalizer [b, h, F] (fp32): the position
-    leaving the window is added to the state, the new one enters it. O(K c + F c) per head
-    and token.
+    A decode step keeps the last K keys and values [b, K, h, c] and the recall state
+    [b, h, F, c] with its normalizer [b, h, F] (fp32): the new position enters both.
+    O(K c + F c) per head and token.
     """
 
     config: OlmaxConfig
@@ -438,9 +436,7 @@ class RecallMixer(nn.Module):
         gate_bias = param_with_axes("b_write_gate", nn.initializers.zeros, (h,), axes=("heads",))
         wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
         if decode is not None:
-            shapes = {"keys": c, "values": c, "recall_keys": r, "write_gates": 1}
-            dtypes = {n: jnp.float32 if n == "write_gates" else cfg.dtype for n in shapes}
-            window = {n: cache_variable(self, decode, n, (bsz, block, h, e), dtypes[n]) for n, e in shapes.items()}
+            window = {n: cache_variable(self, decode, n, (bsz, block, h, c), cfg.dtype) for n in ("keys", "values")}
             feats = feature_size(r)
             state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32)
             norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
@@ -458,10 +454,10 @@ class RecallMixer(nn.Module):
             y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block)
             if decode == "prefill":
                 lengths = ctx.prefill_lengths
-                for name, a in zip(shapes, (k, v, kl, gate[..., None])):
-                    window[name].value = last_positions(a.astype(dtypes[name]), lengths, block)
-                older = (jnp.arange(length)[None, :] <= lengths[:, None] - 1 - block).astype(jnp.float32)
-                fk = quadratic_features(kl) * (gate * older[..., None])[..., None]  # [b,t,h,F]
+                for name, a in (("keys", k), ("values", v)):
+                    window[name].value = last_positions(a.astype(cfg.dtype), lengths, block)
+                prompt = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.float32)
+                fk = quadratic_features(kl) * (gate * prompt[..., None])[..., None]  # [b,t,h,F]
                 state.value = jnp.einsum("bthf,bthc->bhfc", fk, v.astype(jnp.float32))
                 norm.value = jnp.sum(fk, axis=1)
         return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
@@ -470,16 +466,12 @@ class RecallMixer(nn.Module):
 def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, gate, t: Array) -> Array:
     """One position t [b] per row of the recall mixer from its cache; q, k, v, ql, kl [b, 1, h, *],
     gate [b, 1, h] -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step,
-    t-K+1..t after."""
-    keys, values, rkeys, gates = (
-        slide(window[n], a.astype(window[n].value.dtype))
-        for n, a in (("keys", k), ("values", v), ("recall_keys", kl), ("write_gates", gate[..., None]))
-    )
+    t-K+1..t after; the recall state every position < t before, <= t after."""
+    keys, values = (slide(window[n], a.astype(window[n].value.dtype)) for n, a in (("keys", k), ("values", v)))
     block = keys.shape[1] - 1
-    # Position t-K leaves the window for the recall state (if it exists).
-    leaving = quadratic_features(rkeys[:, 0]) * (gates[:, 0].astype(jnp.float32) * (t >= block)[:, None, None])
-    state.value = state.value + jnp.einsum("bhf,bhc->bhfc", leaving, values[:, 0].astype(jnp.float32))
-    norm.value = norm.value + leaving
+    entering = quadratic_features(kl[:, 0]) * gate[:, 0, :, None]  # [b,h,F]
+    state.value = state.value + jnp.einsum("bhf,bhc->bhfc", entering, v[:, 0].astype(jnp.float32))
+    norm.value = norm.value + entering
     keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
     c = q.shape[-1]
     logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)

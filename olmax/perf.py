@@ -46,7 +46,7 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
             states = h * mixers.feature_size(r) * (d // h)  # one token into or out of a [F, c] state per head
             n_blocks = -(-length // k)
             per_layer += 2 * (4 * d * d + 2 * d * h * r + d * h)  # projections (q, k, v, out, recall q, k; gate)
-            per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; block n-1's older half
+            per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; the own block's recall pairs
             per_layer += 2 * states * (2 + n_blocks / k)  # write, read, and sum the block states
         else:
             per_layer += 2 * 4 * d * d + 2 * 2 * length * d  # projections + scores and values

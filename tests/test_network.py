@@ -245,8 +245,8 @@ def test_axial_mixer_matches_dense_reference():
 
 
 def _dense_recall(q, k, v, ql, kl, gate, seg, block):
-    """Per (t, s) pair: weight exp(q.k / sqrt(c)) over lags < block, g_s s^2/2 over lags >= block
-    (s = ql.kl / sqrt(r)), one normalization over both."""
+    """Per (t, s) pair: weight exp(q.k / sqrt(c)) over lags < block plus g_s s^2/2 over every lag
+    (s = ql.kl / sqrt(r)), one normalization."""
     b, t, h, c = q.shape
     r = ql.shape[-1]
     out = np.zeros_like(q)
@@ -254,11 +254,9 @@ def _dense_recall(q, k, v, ql, kl, gate, seg, block):
         src = [si for si in range(ti + 1) if seg[bi, si] == seg[bi, ti]]
         weights = []
         for si in src:
-            if ti - si < block:
-                weights.append(np.exp(np.float64(q[bi, ti, hi] @ k[bi, si, hi]) / np.sqrt(c)))
-            else:
-                s = np.float64(ql[bi, ti, hi] @ kl[bi, si, hi]) / np.sqrt(r)
-                weights.append(gate[bi, si, hi] * s * s / 2)
+            s = np.float64(ql[bi, ti, hi] @ kl[bi, si, hi]) / np.sqrt(r)
+            window = np.exp(np.float64(q[bi, ti, hi] @ k[bi, si, hi]) / np.sqrt(c)) if ti - si < block else 0.0
+            weights.append(window + gate[bi, si, hi] * s * s / 2)
         weights = np.array(weights)
         out[bi, ti, hi] = weights @ v[bi, src, hi] / weights.sum()
     return out
