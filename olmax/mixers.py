@@ -310,20 +310,18 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     if dense_far is None:  # whichever costs fewer multiply-adds (scores + sums vs block states)
         dense_far = n * block * (r + c) <= 3 * feature_size(r) * (c + 1)
     far = _far_dense if dense_far else _far_blocked
-    num, den = far(ql, kl, v, gate, seg, seg_prev, block)
+    num, den = far(ql, kl, v, gate, seg, seg_prev, same_own)
     y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
                                                          preferred_element_type=jnp.float32))
     y = y.astype(v.dtype)
     return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
 
 
-def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
+def _far_blocked(ql, kl, v, gate, seg, seg_prev, same_own):
     """The recall part of `axial_recall` over the grid: (num [b,h,n,K,c], den [b,h,n,K]) of the
-    gated kernel over every lag, from the own block pairwise and blocks <= n-1 through
-    per-block states. O(N K r + N F c + n F c log n)."""
+    gated kernel over every lag, from the own block pairwise (same_own [b,1,n,k,j]: j <= k, same
+    segment) and blocks <= n-1 through per-block states. O(N K r + N F c + n F c log n)."""
     c = v.shape[-1]
-    i = jnp.arange(block)
-    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,n,k,j]: j <= k
     kern = pair_kernel(ql, kl) * same_own * jnp.swapaxes(gate, -1, -2)
     num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v.astype(jnp.float32))
     den = jnp.sum(kern, axis=-1)
@@ -349,11 +347,11 @@ def _far_blocked(ql, kl, v, gate, seg, seg_prev, block):
     return num + read_out[..., :c], den + read_out[..., c]
 
 
-def _far_dense(ql, kl, v, gate, seg, seg_prev, block):
+def _far_dense(ql, kl, v, gate, seg, seg_prev, same_own):
     """`_far_blocked` as one [N, N] kernel matrix: O(N^2 (r + c)), cheaper for short rows
     (below ~3 F (c + 1) / (r + c) positions) where the block states' F = feature_size(r)
     features cost more than the pairs themselves."""
-    bsz, h, n, _, c = v.shape
+    bsz, h, n, block, c = v.shape
     flat = lambda a: a.reshape(bsz, a.shape[1], n * block, a.shape[-1])  # noqa: E731  [b,h,N,e]
     segf = seg.reshape(bsz, 1, n * block)
     t = jnp.arange(n * block)
