@@ -216,7 +216,7 @@ def test_recall_claim_counts_finished_points_only():
     first, second = sec.targets
     assert not first.met and first.measured == "worst +0.290"
     assert second.met and second.measured == "worst +0.020"
-    assert [r[:2] for r in sec.rows] == [["a", 1500], ["b", 1500], ["e", 1500], ["e", 3000]]
+    assert [r[:3] for r in sec.rows] == [["a", 0, 1500], ["b", 0, 1500], ["e", 0, 1500], ["e", 0, 3000]]
     growing = point("f", 2000, 0.02, 0.0, target_steps=3000, curve_at={1500: (0.03, 0.01)})
     first, second = recall.section(done + [growing], s).targets
     assert first.met and first.measured == "worst +0.040"
@@ -225,6 +225,34 @@ def test_recall_claim_counts_finished_points_only():
     first, second = recall.section(done + [longer, early], s).targets
     assert first.measured == "worst +0.290 (1 point in progress)" and not first.met
     assert second.measured == "worst +0.020 (1 point in progress)" and not second.met
+
+
+def test_recall_claim_reads_the_mean_over_seeds():
+    from benchmarks import recall
+
+    def point(task, seed, steps, recall_bits, attention_bits, mixers=("recall", "attention", "axial")):
+        figures = {"recall": recall_bits, "attention": attention_bits, "axial": 6.0}
+        models = {m: {"params": 1, "curve": [(steps, 0.5, figures[m])]} for m in mixers}
+        return {"task": task, "pairs": 8, "length": 256, "seed": seed, "steps": steps, "models": models}
+
+    s = recall.Setup(steps=1500)
+    # Seed 0 misses by itself (+0.10), the mean over three seeds (+0.04) is within the target;
+    # the seeds run without the axial mixer show it as missing, and the mean of its one run.
+    points = [point("a", 0, 1500, 0.3, 0.2), point("a", 1, 1500, 5.0, 5.1, ("recall", "attention")),
+              point("a", 2, 1500, 0.22, 0.1, ("recall", "attention")), point("b", 0, 1500, 0.0, 0.0)]
+    sec = recall.section(points, s)
+    (target,) = sec.targets
+    assert target.met and target.measured == "worst +0.040"
+    assert [r[:3] for r in sec.rows] == [["a", 0, 1500], ["a", 1, 1500], ["a", 2, 1500], ["a", "mean", 1500],
+                                         ["b", 0, 1500]]
+    mean = sec.rows[3]
+    assert mean[4] == pytest.approx((0.3 + 5.0 + 0.22) / 3) and mean[6] == 6.0 and mean[9] == pytest.approx(0.04)
+    assert sec.rows[1][5:7] == [None, None]  # axial, not run at seed 1
+    (target,) = recall.section(points[:1] + points[3:], s).targets
+    assert not target.met and target.measured == "worst +0.100"
+    # Seeds are points of their own when merging: a seed-1 run does not replace seed 0's.
+    kept = [dict(points[0], pairs=8, length=256)]
+    assert [recall.seed_of(p) for p in recall.table_points(kept, [points[1]])] == [0, 1]
 
 
 def test_t5x_speed_claims_rest_on_a_bound_where_t5x_swapped():
