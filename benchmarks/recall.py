@@ -144,6 +144,14 @@ def seed_of(point: dict) -> int:
     return point.get("seed", 0)  # points measured before --seeds existed ran seed 0
 
 
+def by_task(points: list[dict]) -> dict[str, list[dict]]:
+    """The points grouped by task (its seeds), in the order of first appearance."""
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        groups.setdefault(p["task"], []).append(p)
+    return groups
+
+
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return float(np.mean(known)) if known else None
@@ -157,12 +165,9 @@ def section(points: list[dict], s: Setup) -> common.Section:
     at which a model learns the lookup moves by hundreds of steps between initializations,
     for attention too, so one seed measures that step more than the mixer. A mixer not run
     at a seed (the axial one, say) shows as missing there."""
-    tasks_seen: dict[str, list[dict]] = {}
-    for p in points:
-        tasks_seen.setdefault(p["task"], []).append(p)
     rows, gaps, longer = [], [], []
     short = long_open = 0
-    for task, group in tasks_seen.items():
+    for task, group in by_task(points).items():
         at_step: dict[int, list[tuple[list, float, dict]]] = {}
         for p in sorted(group, key=seed_of):
             steps, target = p["steps"], p.get("target_steps", p["steps"])
@@ -236,11 +241,9 @@ def point_key(p: dict) -> tuple[int, int, int]:
 
 def plot(points: list[dict], out: str) -> None:
     """Answer accuracy against steps, one panel per task; seed 0 solid, other seeds dashed."""
-    by_task: dict[str, list[dict]] = {}
-    for p in points:
-        by_task.setdefault(p["task"], []).append(p)
-    fig, axes = common.figure(ncols=len(by_task))
-    for ax, (task, group) in zip(axes, by_task.items()):
+    groups = by_task(points)
+    fig, axes = common.figure(ncols=len(groups))
+    for ax, (task, group) in zip(axes, groups.items()):
         for color, m in zip(("C0", "C1", "C2"), MIXERS):
             for p in group:
                 if m in p["models"]:
