@@ -251,8 +251,7 @@ def test_recall_claim_reads_the_mean_over_seeds():
     (target,) = recall.section(points[:1] + points[3:], s).targets
     assert not target.met and target.measured == "worst +0.100"
     # Seeds are points of their own when merging: a seed-1 run does not replace seed 0's.
-    kept = [dict(points[0], pairs=8, length=256)]
-    assert [recall.seed_of(p) for p in recall.table_points(kept, [points[1]])] == [0, 1]
+    assert [recall.seed_of(p) for p in recall.table_points(points[:1], points[1:2])] == [0, 1]
 
 
 def test_t5x_speed_claims_rest_on_a_bound_where_t5x_swapped():
