@@ -72,11 +72,14 @@ class Context:
     positions: [batch, length] int32; position of each token inside its segment.
     prefill_lengths: [batch] int32, decode="prefill" only: the prompt length of
       each row (the cache keeps the state after that many positions).
+    packed: static; False when every row is one segment (the caller gave no segment ids),
+      which lets a kernel without a segment mask (cuDNN attention) run.
     """
 
     segment_ids: Array
     positions: Array
     prefill_lengths: Array | None = None
+    packed: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
 
 DECODE_MODES = (None, "init", "prefill", "step")

@@ -9,7 +9,7 @@ or, for the baseline, over every position:
   axial      AxialMixer, the seed's MLP-Mixer: two learned causal lag filters, along the
              block axis then the offset axis, with an activation between; input-independent.
   attention  Attention, causal multi-head softmax attention with rotary positions: the O(N^2)
-             baseline.
+             time, O(N) memory baseline (fused / blockwise kernels in olmax/attention.py).
 
 They follow the block contract of olmax/layers.py (x [b, t, d], Context, decode mode) and
 its einsum letters. Their decode caches:
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from olmax.attention import causal_attention
 from olmax.layers import (Array, Context, activation, cache_variable, fan_in_normal, last_positions,
                           pad_to, param_with_axes, shift_right, slide, write_position, zero_aux)
 
@@ -174,7 +175,9 @@ def rotary(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Arra
 class Attention(nn.Module):
     """Causal multi-head attention with rotary positions: the transformer baseline mixer.
 
-    A decode step caches keys and values [b, L, heads, head_dim] (rotary applied at
+    Training and prefill run the kernel `attention_impl` picks (olmax/attention.py): fused
+    cuDNN attention on a GPU, a blockwise (flash-style) online softmax elsewhere; neither
+    keeps an [N, N] array. A decode step caches keys and values [b, L, heads, head_dim] (rotary applied at
     their positions) and attends over the cache: O(L d) per position.
     """
 
@@ -204,17 +207,16 @@ class Attention(nn.Module):
             k = cached_k.value = write_position(cached_k.value, k, t)  # [b,s,h,c]
             v = cached_v.value = write_position(cached_v.value, v, t)
             mask = (jnp.arange(k.shape[1])[None, :] <= t[:, None])[:, None, :]  # [b,1,s]
+            logits = jnp.einsum("bhc,bshc->bhs", q[:, 0], k).astype(jnp.float32) / math.sqrt(c)
+            probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1).astype(cfg.dtype)
+            out = jnp.einsum("bhs,bshc->bhc", probs, v)[:, None]
         else:
             if decode == "prefill":
                 cached_k.value = pad_to(k, cached_k.value.shape[1], "attention")
                 cached_v.value = pad_to(v, cached_v.value.shape[1], "attention")
-            s = jnp.arange(x.shape[1])
-            mask = (s[:, None] >= s[None, :])[None] & (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :])
-        logits = jnp.einsum("bthc,bshc->bhts", q, k).astype(jnp.float32) / math.sqrt(c)
-        logits = jnp.where(mask[:, None], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bhts,bshc->bthc", probs, v).reshape(x.shape)
-        return jnp.einsum("bte,ed->btd", out, wo), zero_aux()
+            out = causal_attention(q, k, v, ctx.segment_ids, implementation=cfg.attention_impl,
+                                   block=cfg.attention_block, packed=ctx.packed)
+        return jnp.einsum("bte,ed->btd", out.reshape(x.shape), wo), zero_aux()
 
 
 # --------------------------------------------------------------- axial recall mixer

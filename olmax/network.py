@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import partitioning as nn_partitioning
 
+from olmax import attention
 from olmax import layers
 from olmax import mixers
 from olmax import reversible
@@ -59,6 +60,11 @@ class OlmaxConfig:
     mixer_heads: int = 4
     # Heads of the attention baseline and of the recall mixer.
     num_heads: int = 4
+    # Attention baseline's kernel (olmax/attention.py): "auto" (cuDNN on GPU for unpacked
+    # rows, else blockwise), "blockwise" (flash-style, any platform), "cudnn", or
+    # "materialized" (the O(N^2)-memory test reference); its tile size for blockwise.
+    attention_impl: str = "auto"
+    attention_block: int = 512
     # Recall mixer: features per head of its linear-attention (quadratic) kernel.
     recall_features: int = 16
     # Mixture of experts.
@@ -69,6 +75,7 @@ class OlmaxConfig:
 
     def __post_init__(self):
         _choice("mixer", self.mixer, ("recall", "axial", "attention"))
+        _choice("attention_impl", self.attention_impl, attention.IMPLEMENTATIONS)
         _choice("norm", self.norm, ("rms", "layer"))
         _choice("placement", self.placement, ("sandwich", "pre"))
         _choice("activation", self.activation, ("gelu", "relu", "silu", "leaky_relu"))
@@ -83,7 +90,7 @@ class OlmaxConfig:
         if self.features % self.num_heads or (self.features // self.num_heads) % 2:
             raise ValueError(f"features={self.features} / num_heads={self.num_heads} must be an even head size.")
         for name in ("vocab_size", "features", "depth", "max_length", "mixer_block", "conv_kernel", "conv_features",
-                     "recall_features"):
+                     "recall_features", "attention_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
 
@@ -298,7 +305,7 @@ class Olmax(nn.Module):
             )
         if mode == "step":  # each row's one new token, at its own position
             pos = jnp.broadcast_to(jnp.reshape(index.value, (-1,)), (bsz,)).astype(jnp.int32)
-            ctx = layers.Context(segment_ids=jnp.ones((bsz, 1), jnp.int32), positions=pos[:, None])
+            ctx = layers.Context(segment_ids=jnp.ones((bsz, 1), jnp.int32), positions=pos[:, None], packed=False)
             index.value = index.value + 1
         elif mode == "prefill":
             lengths = length if prefill_lengths is None else prefill_lengths
@@ -307,13 +314,15 @@ class Olmax(nn.Module):
                 segment_ids=jnp.ones((bsz, length), jnp.int32),
                 positions=jnp.broadcast_to(jnp.arange(length), (bsz, length)),
                 prefill_lengths=lengths,
+                packed=False,
             )
             index.value = lengths
         else:
             seg = jnp.ones((bsz, length), jnp.int32) if decoder_segment_ids is None else decoder_segment_ids
             pos = decoder_positions
             pos = jnp.broadcast_to(jnp.arange(length), (bsz, length)) if pos is None else pos
-            ctx = layers.Context(segment_ids=jnp.asarray(seg, jnp.int32), positions=jnp.asarray(pos, jnp.int32))
+            ctx = layers.Context(segment_ids=jnp.asarray(seg, jnp.int32), positions=jnp.asarray(pos, jnp.int32),
+                                 packed=decoder_segment_ids is not None)
 
         embedding = nn_partitioning.param_with_axes(
             "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.features), axes=("vocab", "embed")

@@ -11,6 +11,7 @@ from olmax import layers, mixers, network, reversible
 BASE = network.OlmaxConfig(
     vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
     mixer_block=8, mixer_heads=2, num_heads=2, expert_features=32, expert_group_size=64,
+    attention_block=16,  # several attention tiles per row: the blockwise kernel's tiling is exercised
 )
 VARIANTS = {
     "recall_rev": dict(mixer="recall", reversible=True),
