@@ -23,6 +23,7 @@ its einsum letters. Their decode caches:
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import TYPE_CHECKING, Callable
@@ -257,7 +258,7 @@ def pair_kernel(ql: Array, kl: Array) -> Array:
 
 
 def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int,
-                 dense_far: bool | None = None) -> Array:
+                 dense_far: bool | None = None, chunk: int = 4096) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
 
     q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
@@ -283,73 +284,105 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     recall part as one [N, N] kernel matrix instead (`dense_far`; None: by that cost), the
     same sums at fewer multiply-adds there. Internally heads lead ([b, h, n, K, ...]) so
     every contraction is a batched matmul.
+
+    Memory: rows longer than `chunk` tokens run as a scan over chunks of chunk / K blocks
+    that passes one running recall state [b, h, F, c + 1] from chunk to chunk, each chunk
+    rematerialized in the backward pass: the step holds one chunk's window scores and
+    kernel features, not the whole row's (O(N (c + r) + chunk K h) instead of O(N K h + N h F)).
     """
     bsz, length, h, c = q.shape
+    r = ql.shape[-1]
     n = -(-length // block)
-    pad = n * block - length
+    if dense_far is None:  # whichever costs fewer multiply-adds (scores + sums vs block states)
+        dense_far = n * block * (r + c) <= 3 * feature_size(r) * (c + 1)
+    per_chunk = n if dense_far else max(1, min(n, chunk // block))  # blocks per scan step
+    steps = -(-n // per_chunk)
+    pad = steps * per_chunk * block - length
 
     def grid(a: Array) -> Array:  # [b, t, h, e] -> [b, h, n, K, e]
-        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(bsz, n, block, h, a.shape[-1])
+        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(bsz, -1, block, h, a.shape[-1])
         return jnp.transpose(a, (0, 3, 1, 2, 4))
 
     q, k, v, ql, kl, gate = map(grid, (q, k, v, ql, kl, gate.astype(jnp.float32)[..., None]))
     # Padding gets segment -1: distinct from every real segment and from id 0.
-    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, n, block)
-    k_prev, v_prev = (shift_right(a, 1, axis=2) for a in (k, v))  # block n-1 at n
-    seg_prev = shift_right(seg, 1, axis=2) + jnp.where(jnp.arange(n) == 0, -2, 0)[:, None]
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, -1, block)
+    blocks = (q, k, v, ql, kl, gate, seg)
+    # What the first block finds before it: an empty recall state and a block of segment -2
+    # (no real one) as its window's previous block.
+    state = (jnp.zeros((bsz, h, feature_size(r), c + 1), jnp.float32), jnp.zeros((bsz, h, block, c), k.dtype),
+             jnp.zeros((bsz, h, block, c), v.dtype), jnp.full((bsz, 1, block), -2, seg.dtype))
+    if steps == 1:
+        y, _ = _recall_chunk(dense_far, blocks, state)
+    else:  # [b, h, steps * G, ...] -> [steps, b, h, G, ...], scanned; each chunk recomputed in the backward
+        split = lambda a: jnp.moveaxis(a.reshape(*a.shape[:2], steps, per_chunk, *a.shape[3:]), 2, 0)  # noqa: E731
+        body = jax.checkpoint(functools.partial(_recall_chunk, False))
+        _, y = jax.lax.scan(lambda st, x: body(x, st)[::-1], state, tuple(map(split, blocks)))
+        y = jnp.moveaxis(y, 0, 2).reshape(bsz, h, steps * per_chunk, block, c)
+    return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, -1, h, c)[:, :length]
+
+
+def _recall_chunk(dense_far: bool, blocks: tuple, state: tuple) -> tuple[Array, tuple]:
+    """`axial_recall` on G consecutive blocks [b, h, G, K, ...] after the `state` of the blocks
+    before them (their summed recall state [b,h,F,c+1], the last block's keys and values
+    [b,h,K,c] and segments [b,1,K]) -> (y [b, h, G, K, c] in v's dtype, the state after them)."""
+    q, k, v, ql, kl, gate, seg = blocks
+    far_state, k_last, v_last, seg_last = state
+    c, block = q.shape[-1], q.shape[-2]
+    k_prev, v_prev, seg_prev = (jnp.concatenate([last[:, :, None], a[:, :, :-1]], axis=2)  # block n-1 at n
+                                for last, a in ((k_last, k), (v_last, v), (seg_last, seg)))
     i = jnp.arange(block)
-    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,n,k,j] lag k-j
+    same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,G,k,j] lag k-j
     same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
     in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
 
     # Window: scores against block n-1 (j > k) and its own block (j <= k) together, fp32.
-    keys, values = jnp.concatenate([k_prev, k], axis=3), jnp.concatenate([v_prev, v], axis=3)  # [b,h,n,2K,c]
+    keys, values = jnp.concatenate([k_prev, k], axis=3), jnp.concatenate([v_prev, v], axis=3)  # [b,h,G,2K,c]
     logits = jnp.einsum("bhnkc,bhnjc->bhnkj", q, keys).astype(jnp.float32) / math.sqrt(c)
     allowed = jnp.concatenate([same_prev & in_window, same_own], axis=-1)  # the diagonal always is
     logits = jnp.where(allowed, logits, -jnp.inf)
 
-    r = ql.shape[-1]
-    if dense_far is None:  # whichever costs fewer multiply-adds (scores + sums vs block states)
-        dense_far = n * block * (r + c) <= 3 * feature_size(r) * (c + 1)
-    far = _far_dense if dense_far else _far_blocked
-    num, den = far(ql, kl, v, gate, seg, seg_prev, same_own)
+    if dense_far:
+        num, den = _far_dense(ql, kl, v, gate, seg)
+    else:
+        num, den, far_state = _far_blocked(ql, kl, v, gate, seg, same_own, far_state, seg_last[..., -1])
     y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
                                                          preferred_element_type=jnp.float32))
-    y = y.astype(v.dtype)
-    return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, n * block, h, c)[:, :length]
+    return y.astype(v.dtype), (far_state, k[:, :, -1], v[:, :, -1], seg[:, :, -1])
 
 
-def _far_blocked(ql, kl, v, gate, seg, seg_prev, same_own):
-    """The recall part of `axial_recall` over the grid: (num [b,h,n,K,c], den [b,h,n,K]) of the
-    gated kernel over every lag, from the own block pairwise (same_own [b,1,n,k,j]: j <= k, same
-    segment) and blocks <= n-1 through per-block states. O(N K r + N F c + n F c log n)."""
+def _far_blocked(ql, kl, v, gate, seg, same_own, state_in, last_in):
+    """The recall part of `axial_recall` over G blocks: (num [b,h,G,K,c], den [b,h,G,K], the summed
+    state after them) of the gated kernel over every lag, from the own block pairwise (same_own
+    [b,1,G,k,j]: j <= k, same segment) and earlier blocks through per-block states, the blocks
+    before these through `state_in` (their summed state [b,h,F,c+1]; `last_in` [b,1] the segment
+    open at their end). O(G K (K r + F c) + G F c log G)."""
     c = v.shape[-1]
     kern = pair_kernel(ql, kl) * same_own * jnp.swapaxes(gate, -1, -2)
     num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v.astype(jnp.float32))
     den = jnp.sum(kern, axis=-1)
-    # Blocks m <= n-1: each block's state holds its tokens of the segment that is open at the
-    # block's end (`last`), with its normalizer as an extra value column; a query reads the
-    # sum over the blocks m <= n-1 that end in its own segment. Contiguous segments make
-    # those blocks one run ending at n-1, so the sums are a running sum that restarts where
-    # `last` changes: a linear scan over the blocks, O(n F c) (an [n, n] mask would cost
-    # O(n^2 F c)).
-    last = seg[..., -1]  # [b,1,n]
-    fk = quadratic_features(kl) * gate * (seg == last[..., None])[..., None]  # [b,h,n,k,F]
+    # Each block's state holds its tokens of the segment that is open at the block's end
+    # (`last`), with its normalizer as an extra value column; a query reads the sum over the
+    # earlier blocks that end in its own segment. Contiguous segments make those blocks one run
+    # ending at the block before it, so the sums are a running sum that restarts where `last`
+    # changes: a linear scan over the blocks, the incoming state first.
+    last = jnp.concatenate([last_in[..., None], seg[..., -1]], axis=-1)  # [b,1,G+1]: 0 is the state's
+    fk = quadratic_features(kl) * gate * (seg == last[..., 1:, None])[..., None]  # [b,h,G,k,F]
     v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones_like(v[..., :1], jnp.float32)], axis=-1)
-    states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v1)  # [b,h,n,F,c+1]
+    states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v1)  # [b,h,G,F,c+1]
+    states = jnp.concatenate([state_in[:, :, None], states], axis=2)
     keep = ((last == shift_right(last, 1, axis=2)) & (jnp.arange(last.shape[-1]) > 0)).astype(jnp.float32)
 
     def running_sum(earlier, later):  # (keep, sum) pairs: sum_m = states_m + keep_m sum_{m-1}
         return earlier[0] * later[0], later[1] + later[0] * earlier[1]
 
-    _, states = jax.lax.associative_scan(running_sum, (keep[..., None, None], states), axis=2)
-    states = shift_right(states, 1, axis=2)  # what block n reads: the run up to block n-1
-    fq = quadratic_features(ql) * (seg == seg_prev[..., -1][..., None])[..., None]  # [b,h,n,k,F]
-    read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, states)
-    return num + read_out[..., :c], den + read_out[..., c]
+    _, runs = jax.lax.associative_scan(running_sum, (keep[..., None, None], states), axis=2)
+    # Block m reads the run up to block m-1 (index m of `runs`), if it ends in the query's segment.
+    fq = quadratic_features(ql) * (seg == last[..., :-1, None])[..., None]  # [b,h,G,k,F]
+    read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, runs[:, :, :-1])
+    return num + read_out[..., :c], den + read_out[..., c], runs[:, :, -1]
 
 
-def _far_dense(ql, kl, v, gate, seg, seg_prev, same_own):
+def _far_dense(ql, kl, v, gate, seg):
     """`_far_blocked` as one [N, N] kernel matrix: O(N^2 (r + c)), cheaper for short rows
     (below ~3 F (c + 1) / (r + c) positions) where the block states' F = feature_size(r)
     features cost more than the pairs themselves."""
@@ -451,7 +484,7 @@ class RecallMixer(nn.Module):
         if decode == "step":
             y = recall_step(window, state, norm, q, k, v, ql, kl, gate, ctx.positions[:, 0])
         else:
-            y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block)
+            y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block, chunk=cfg.recall_chunk)
             if decode == "prefill":
                 lengths = ctx.prefill_lengths
                 for name, a in (("keys", k), ("values", v)):

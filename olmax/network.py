@@ -65,8 +65,11 @@ class OlmaxConfig:
     # "materialized" (the O(N^2)-memory test reference); its tile size for blockwise.
     attention_impl: str = "auto"
     attention_block: int = 512
-    # Recall mixer: features per head of its linear-attention (quadratic) kernel.
+    # Recall mixer: features per head of its linear-attention (quadratic) kernel, and the
+    # tokens per step of its scan over blocks (longer rows run chunk by chunk, each chunk
+    # recomputed in the backward pass: step memory linear in the row length).
     recall_features: int = 16
+    recall_chunk: int = 4096
     # Mixture of experts.
     expert_top_k: int = 2
     expert_features: int = 512
@@ -90,7 +93,7 @@ class OlmaxConfig:
         if self.features % self.num_heads or (self.features // self.num_heads) % 2:
             raise ValueError(f"features={self.features} / num_heads={self.num_heads} must be an even head size.")
         for name in ("vocab_size", "features", "depth", "max_length", "mixer_block", "conv_kernel", "conv_features",
-                     "recall_features", "attention_block"):
+                     "recall_features", "recall_chunk", "attention_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
 

@@ -11,7 +11,9 @@ from olmax import layers, mixers, network, reversible
 BASE = network.OlmaxConfig(
     vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
     mixer_block=8, mixer_heads=2, num_heads=2, expert_features=32, expert_group_size=64,
-    attention_block=16,  # several attention tiles per row: the blockwise kernel's tiling is exercised
+    # several attention tiles and recall chunks per row: the blockwise kernel's tiling and the
+    # recall mixer's scan over chunks are exercised
+    attention_block=16, recall_chunk=16,
 )
 VARIANTS = {
     "recall_rev": dict(mixer="recall", reversible=True),
@@ -263,11 +265,13 @@ def _dense_recall(q, k, v, ql, kl, gate, seg, block):
     return out
 
 
-@pytest.mark.parametrize("dense_far", [False, True])
-def test_axial_recall_matches_dense_reference(dense_far):
+@pytest.mark.parametrize("dense_far,chunk", [(False, 4096), (False, 8), (True, 4096)],
+                         ids=["blocked", "chunked", "dense_far"])
+def test_axial_recall_matches_dense_reference(dense_far, chunk):
     """The blocked computation (window + pairwise + per-block states, one denominator) equals the
     O(N^2) definition, with packed segments (starting mid-block, spanning several blocks, a
-    2-token one), padding id 0, and logits large enough to overflow a naive exp."""
+    2-token one), padding id 0, and logits large enough to overflow a naive exp; `chunk` 8:
+    a scan over chunks of 2 blocks whose recall state runs across chunk edges (segment 3)."""
     rng = np.random.RandomState(0)
     b, t, h, c, r, block = 3, 23, 2, 4, 3, 4
     q, k, v = (rng.randn(b, t, h, c).astype(np.float32) for _ in range(3))
@@ -277,14 +281,34 @@ def test_axial_recall_matches_dense_reference(dense_far):
     seg[1, 9:20], seg[1, 20:] = 2, 0
     seg[2, 5:7], seg[2, 7:] = 2, 3  # segment 3 spans blocks 1-5: its states run over 4 blocks
     args = (q, k, v, ql, kl, gate, seg)
-    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far, chunk=chunk)
     np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-5, atol=1e-5)
     # Window logits of +-60 (exp overflows fp32 at 89) and kernel sums of ~1e4: still exact.
     q2, k2 = q * 8.0, k * 8.0
     args = (q2, k2, v, ql * 6.0, kl * 6.0, gate, seg)
-    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far, chunk=chunk)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-4, atol=1e-4)
+
+
+def test_axial_recall_chunked_gradients_equal_one_step():
+    """The scan over chunks (state passed across chunk edges, each chunk rematerialized) has the
+    one-step computation's gradients for every input, packed segments spanning chunks."""
+    rng = np.random.RandomState(2)
+    b, t, h, c, r, block = 2, 45, 2, 4, 3, 4
+    args = [jnp.asarray(rng.randn(b, t, h, e).astype(np.float32)) for e in (c, c, c, r, r)]
+    args.append(jnp.asarray(rng.uniform(0.05, 1.0, (b, t, h)).astype(np.float32)))
+    seg = np.ones((b, t), np.int32)
+    seg[1, 6:30], seg[1, 30:] = 2, 3
+    w = jnp.asarray(rng.randn(b, t, h, c).astype(np.float32))
+
+    def grads(chunk):
+        loss = lambda *a: jnp.sum(mixers.axial_recall(*a, jnp.asarray(seg), block, False, chunk) * w)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+
+    for name, a, ref in zip(["q", "k", "v", "ql", "kl", "gate"], grads(12), grads(4096)):
+        assert float(jnp.abs(ref).max()) > 1e-3, name
+        np.testing.assert_allclose(a, ref, atol=2e-5, rtol=1e-4, err_msg=name)
 
 
 def test_joint_read_gradient_is_exact_for_tiny_far_sums():
