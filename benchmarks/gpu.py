@@ -5,7 +5,7 @@
     python -m benchmarks.gpu --smoke --out /tmp/gpu         # tiny sizes on a CPU, < 45 s: the CI smoke run
     python -m benchmarks.gpu --plot benchmarks/results/gpu/gpu.json --out benchmarks/results/gpu   # gpu.png
 
-Imports jax, flax, optax, numpy and olmax's network modules only (the GPU machine has
+Imports jax, flax, optax, numpy, olmax's network modules and benchmarks.plots only (the GPU machine has
 nothing else); --plot imports matplotlib. Writes <out>/gpu.json (every number, the
 hardware, the measured peak) and <out>/gpu.md (the tables, also printed).
 
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import plots
 from olmax import decoding, network, perf
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu")
@@ -458,12 +459,7 @@ def plot(json_path: str, out: str) -> str:
             points = [(r["length"], r[key]) for r in rows if r["mixer"] == mixer and r.get(key)]
             if points:
                 ax.plot(*zip(*points), marker=marker, label=LABELS[mixer])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (batch 1)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        plots.log_axes(ax, "sequence length (batch 1)", ylabel)
     not_run = [f"{r['name']}: {r['reason']}" for r in rows if not r["tokens_per_s"]]
     if not_run:
         axes[0].text(0.02, 0.03, "\n".join(not_run), transform=axes[0].transAxes, fontsize=6, va="bottom")

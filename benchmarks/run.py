@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, plots
 from benchmarks.common import Section, Target
 from olmax import layers, models, network, perf, reversible
 
@@ -303,12 +303,7 @@ def throughput(s: Sizes, out: str) -> Section:
         ax2.plot(s.tp_lengths, [res[n, mixer]["model_flops_per_token"] for n in s.tp_lengths], ls=":",
                  color=compiled.get_color(), label=f"{mixer} (model)")
     for ax, ylabel in ((ax1, "forward + backward tokens/s"), (ax2, "FLOPs per token (fwd + bwd)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        plots.log_axes(ax, "sequence length", ylabel)
     not_run = [f"{m}, N={n}: not run ({r['why']})" for (n, m), r in res.items() if r["tok_s"] is None]
     if not_run:  # said below the lowest point
         ax1.set_ylim(bottom=min(r["tok_s"] for r in res.values() if r["tok_s"]) / 3)
