@@ -2,7 +2,7 @@
 sequence (`OlmaxConfig.mixer`), all on the grid [n_blocks, K] (t = n K + k, K = mixer_block)
 or, for the baseline, over every position:
 
-  recall     RecallMixer, the default: one normalized read by content, gated
+  recall     RecallMixer, the default: one normalized read by content, gated and decayed
              quadratic-kernel weights (linear attention, read from per-block states) over
              every past position plus exact softmax weights over the last K: recalls by
              content at O(N^1.5) (axial_recall).
@@ -14,7 +14,7 @@ or, for the baseline, over every position:
 They follow the block contract of olmax/layers.py (x [b, t, d], Context, decode mode) and
 its einsum letters. Their decode caches:
   recall     the last K keys and values [b, K, h, c] and the recall state [b, h, F, c]
-             with its normalizer [b, h, F] (fp32): constant size;
+             with its normalizer [b, h, F] (fp32), decayed as it goes: constant size;
   axial      the input history `inputs` [b, ceil(L/K) K, d] (stage 1 reads the
              positions t, t-K, t-2K, ...: O(L/K d)) and the last K-1 values of
              act(u) `mixed` [b, K-1, d] (stage 2's window: O(K d));
@@ -257,24 +257,29 @@ def pair_kernel(ql: Array, kl: Array) -> Array:
     return recall_kernel(jnp.einsum("...kr,...jr->...kj", ql, kl).astype(jnp.float32) / math.sqrt(r))
 
 
-def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int,
-                 dense_far: bool | None = None, chunk: int = 4096) -> Array:
+def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int, *,
+                 log_decay: Array | None = None, dense_far: bool | None = None, chunk: int = 4096) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
 
     q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
-    gate: [b, t, h] write gates in (0, 1), seg: [b, t] segment ids (contiguous segments, as
-    packing makes them) -> [b, t, h, c].
+    gate: [b, t, h] write gates in (0, 1), log_decay: [b, t, h] log a_t <= 0 of the recall
+    state's decay (None: no decay), seg: [b, t] segment ids (contiguous segments, as packing
+    makes them) -> [b, t, h, c].
 
     Output t is one normalized read sum_s w_ts v_s / sum_s w_ts over s <= t, same segment,
     with w_ts the sum of two weights:
-      recall  g_s phi(ql_t) . phi(kl_s) (g_s: the write gate; phi . phi = s^2/2,
-              `recall_kernel`, linear attention) at every lag: the own block's offsets
-              j <= k pairwise, blocks <= n-1 through per-block states
-              sum_s g_s phi(kl_s) v_s^T [F, c]: the block axis;
+      recall  g_s a_{s+1} ... a_t phi(ql_t) . phi(kl_s) (g_s: the write gate, a_u: the decay
+              of position u; phi . phi = s^2/2, `recall_kernel`, linear attention) at every
+              lag: the own block's offsets j <= k pairwise, blocks <= n-1 through per-block
+              states sum_s g_s (a_{s+1} .. a_end) phi(kl_s) v_s^T [F, c], each carried to
+              the next block times that block's decay: the block axis;
       window  + exp(q_t . k_s / sqrt(c)) for the last K positions (lags 0..K-1): exact
               softmax weights on the offset axis, from block n and block n-1.
     One denominator for both, so a query that matches nothing near reads mostly from far
-    and the other way round; the gate lets a token (a filler, say) stay out of the memory.
+    and the other way round; the gate lets a token (a filler, say) stay out of the memory,
+    and the decay lets the memory forget, so that the far read is a sum over the last
+    ~1 / (1 - a) written tokens rather than over all N (without it a matching key's share of
+    the read falls like 1 / N; see RecallMixer for the per-head spectrum).
     The recall weight covers the window's lags too: with it at lags >= K only, a key less
     than K positions back could be found by the window's q . k alone, a second lookup that
     the rare short-lag examples train slowly (at 32x1024, step 1500 of benchmarks.recall:
@@ -303,10 +308,13 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
         a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(bsz, -1, block, h, a.shape[-1])
         return jnp.transpose(a, (0, 3, 1, 2, 4))
 
-    q, k, v, ql, kl, gate = map(grid, (q, k, v, ql, kl, gate.astype(jnp.float32)[..., None]))
+    if log_decay is None:
+        log_decay = jnp.zeros(gate.shape, jnp.float32)
+    q, k, v, ql, kl = map(grid, (q, k, v, ql, kl))
+    gate, log_decay = (grid(a.astype(jnp.float32)[..., None])[..., 0] for a in (gate, log_decay))  # [b,h,n,K]
     # Padding gets segment -1: distinct from every real segment and from id 0.
     seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, -1, block)
-    blocks = (q, k, v, ql, kl, gate, seg)
+    blocks = (q, k, v, ql, kl, gate, log_decay, seg)
     # What the first block finds before it: an empty recall state and a block of segment -2
     # (no real one) as its window's previous block.
     state = (jnp.zeros((bsz, h, feature_size(r), c + 1), jnp.float32), jnp.zeros((bsz, h, block, c), k.dtype),
@@ -325,7 +333,7 @@ def _recall_chunk(dense_far: bool, blocks: tuple, state: tuple) -> tuple[Array, 
     """`axial_recall` on G consecutive blocks [b, h, G, K, ...] after the `state` of the blocks
     before them (their summed recall state [b,h,F,c+1], the last block's keys and values
     [b,h,K,c] and segments [b,1,K]) -> (y [b, h, G, K, c] in v's dtype, the state after them)."""
-    q, k, v, ql, kl, gate, seg = blocks
+    q, k, v, ql, kl, gate, log_decay, seg = blocks
     far_state, k_last, v_last, seg_last = state
     c, block = q.shape[-1], q.shape[-2]
     k_prev, v_prev, seg_prev = (jnp.concatenate([last[:, :, None], a[:, :, :-1]], axis=2)  # block n-1 at n
@@ -342,56 +350,66 @@ def _recall_chunk(dense_far: bool, blocks: tuple, state: tuple) -> tuple[Array, 
     logits = jnp.where(allowed, logits, -jnp.inf)
 
     if dense_far:
-        num, den = _far_dense(ql, kl, v, gate, seg)
+        num, den = _far_dense(ql, kl, v, gate, log_decay, seg)
     else:
-        num, den, far_state = _far_blocked(ql, kl, v, gate, seg, same_own, far_state, seg_last[..., -1])
+        num, den, far_state = _far_blocked(ql, kl, v, gate, log_decay, seg, same_own, far_state, seg_last[..., -1])
     y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
                                                          preferred_element_type=jnp.float32))
     return y.astype(v.dtype), (far_state, k[:, :, -1], v[:, :, -1], seg[:, :, -1])
 
 
-def _far_blocked(ql, kl, v, gate, seg, same_own, state_in, last_in):
+def _far_blocked(ql, kl, v, gate, log_decay, seg, same_own, state_in, last_in):
     """The recall part of `axial_recall` over G blocks: (num [b,h,G,K,c], den [b,h,G,K], the summed
-    state after them) of the gated kernel over every lag, from the own block pairwise (same_own
-    [b,1,G,k,j]: j <= k, same segment) and earlier blocks through per-block states, the blocks
-    before these through `state_in` (their summed state [b,h,F,c+1]; `last_in` [b,1] the segment
-    open at their end). O(G K (K r + F c) + G F c log G)."""
+    state after them) of the gated, decayed kernel over every lag, from the own block pairwise
+    (same_own [b,1,G,k,j]: j <= k, same segment) and earlier blocks through per-block states, the
+    blocks before these through `state_in` (their summed state [b,h,F,c+1] at the end of the last
+    of them; `last_in` [b,1] the segment open there). O(G K (K r + F c) + G F c log G)."""
     c = v.shape[-1]
-    kern = pair_kernel(ql, kl) * same_own * jnp.swapaxes(gate, -1, -2)
+    # Decay within a block: A_k = log a_0 + ... + log a_k (every exponent below is <= 0).
+    A = jnp.cumsum(log_decay, axis=-1)  # [b,h,G,K]
+    lag_decay = jnp.exp(jnp.where(same_own, A[..., :, None] - A[..., None, :], -jnp.inf))  # [b,h,G,k,j]
+    kern = pair_kernel(ql, kl) * lag_decay * gate[..., None, :]
     num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v.astype(jnp.float32))
     den = jnp.sum(kern, axis=-1)
     # Each block's state holds its tokens of the segment that is open at the block's end
-    # (`last`), with its normalizer as an extra value column; a query reads the sum over the
-    # earlier blocks that end in its own segment. Contiguous segments make those blocks one run
-    # ending at the block before it, so the sums are a running sum that restarts where `last`
-    # changes: a linear scan over the blocks, the incoming state first.
+    # (`last`), decayed to the block's end, with its normalizer as an extra value column; a
+    # query reads the sum over the earlier blocks that end in its own segment, decayed from the
+    # end of the block before it to itself. Contiguous segments make those blocks one run ending
+    # at the block before it, so the sums are a running sum that restarts where `last` changes
+    # and otherwise carries the previous sum times the block's decay: a linear scan over the
+    # blocks, the incoming state first.
     last = jnp.concatenate([last_in[..., None], seg[..., -1]], axis=-1)  # [b,1,G+1]: 0 is the state's
-    fk = quadratic_features(kl) * gate * (seg == last[..., 1:, None])[..., None]  # [b,h,G,k,F]
+    write = gate * jnp.exp(A[..., -1:] - A) * (seg == last[..., 1:, None])  # [b,h,G,k]
+    fk = quadratic_features(kl) * write[..., None]  # [b,h,G,k,F]
     v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones_like(v[..., :1], jnp.float32)], axis=-1)
     states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v1)  # [b,h,G,F,c+1]
     states = jnp.concatenate([state_in[:, :, None], states], axis=2)
-    keep = ((last == shift_right(last, 1, axis=2)) & (jnp.arange(last.shape[-1]) > 0)).astype(jnp.float32)
+    same_run = (last == shift_right(last, 1, axis=2)) & (jnp.arange(last.shape[-1]) > 0)
+    keep = same_run * jnp.exp(jnp.pad(A[..., -1], ((0, 0), (0, 0), (1, 0))))  # [b,h,G+1]: the block's decay
 
     def running_sum(earlier, later):  # (keep, sum) pairs: sum_m = states_m + keep_m sum_{m-1}
         return earlier[0] * later[0], later[1] + later[0] * earlier[1]
 
     _, runs = jax.lax.associative_scan(running_sum, (keep[..., None, None], states), axis=2)
     # Block m reads the run up to block m-1 (index m of `runs`), if it ends in the query's segment.
-    fq = quadratic_features(ql) * (seg == last[..., :-1, None])[..., None]  # [b,h,G,k,F]
+    read = jnp.exp(A) * (seg == last[..., :-1, None])  # [b,h,G,k]
+    fq = quadratic_features(ql) * read[..., None]  # [b,h,G,k,F]
     read_out = jnp.einsum("bhnkf,bhnfc->bhnkc", fq, runs[:, :, :-1])
     return num + read_out[..., :c], den + read_out[..., c], runs[:, :, -1]
 
 
-def _far_dense(ql, kl, v, gate, seg):
+def _far_dense(ql, kl, v, gate, log_decay, seg):
     """`_far_blocked` as one [N, N] kernel matrix: O(N^2 (r + c)), cheaper for short rows
     (below ~3 F (c + 1) / (r + c) positions) where the block states' F = feature_size(r)
     features cost more than the pairs themselves."""
     bsz, h, n, block, c = v.shape
-    flat = lambda a: a.reshape(bsz, a.shape[1], n * block, a.shape[-1])  # noqa: E731  [b,h,N,e]
+    flat = lambda a: a.reshape(bsz, a.shape[1], n * block, *a.shape[4:])  # noqa: E731  [b,h,N,...]
     segf = seg.reshape(bsz, 1, n * block)
     t = jnp.arange(n * block)
     causal = (t[:, None] >= t[None, :]) & (segf[..., :, None] == segf[..., None, :])  # [b,1,N,N]
-    kern = pair_kernel(flat(ql), flat(kl)) * causal * jnp.swapaxes(flat(gate), -1, -2)
+    A = jnp.cumsum(flat(log_decay), axis=-1)
+    decay = jnp.exp(jnp.where(causal, A[..., :, None] - A[..., None, :], -jnp.inf))
+    kern = pair_kernel(flat(ql), flat(kl)) * decay * flat(gate)[..., None, :]
     num = jnp.einsum("bhts,bhsc->bhtc", kern, flat(v).astype(jnp.float32))
     return num.reshape(bsz, h, n, block, c), jnp.sum(kern, axis=-1).reshape(bsz, h, n, block)
 
@@ -436,6 +454,24 @@ def _mean_jvp(primals, tangents):
     return mean, (dnum - mean * dden[..., None]) / den[..., None]
 
 
+def forget_init(block: int, max_length: int):
+    """b_forget's init: the heads' decay spectrum, as half-lives in tokens. Head 0 never forgets
+    (half-life ~3e8 tokens; softplus' slope there, ~2e-9, keeps it so unless w_forget learns
+    otherwise); the others' half-lives spread geometrically from max_length down to 2 K, so some
+    heads remember the whole row and some little more than the window. A head whose decay is
+    a at every token has half-life ln 2 / -log a: b = softplus^-1(ln 2 / half-life)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        (h,) = shape
+        half_lives = np.geomspace(max_length, min(2 * block, max_length), max(h - 1, 1))[: h - 1]
+        rates = np.log(2.0) / half_lives
+        bias = np.concatenate([[-20.0], np.log(np.expm1(rates))])
+        return jnp.asarray(bias, dtype)
+
+    return init
+
+
 class RecallMixer(nn.Module):
     """Axial recall mixer: content-addressed token mixing at O(N^1.5), Olmax's default mixer.
 
@@ -445,13 +481,21 @@ class RecallMixer(nn.Module):
     from per-block states (the block axis), plus exact softmax weights over a sliding window
     of K positions (the offset axis). A write gate g_s = sigmoid(x_s . w + b) per head
     scales what each token adds to those states, so tokens that carry nothing to recall
-    stay out of the long-range read. Heads `num_heads`, recall features `recall_features`
-    per head. Strictly causal, full causal receptive field in one layer (every past pair
-    has weight g_s s^2 / 2 > 0 unless its recall key is orthogonal to the query), packed
+    stay out of the long-range read, and a forget rate per head and token,
+    a_t = exp(-softplus(x_t . w_f + b_f)), decays the state before each write (GLA's and
+    Mamba-2's data-dependent decay, on the quadratic-kernel state): without it every written
+    token keeps its weight forever, so a matching key's share of the far read and the window's
+    share of the whole read fall like 1 / N as rows grow; with it they depend on the ~1 / (1 - a)
+    most recent writes, which the model chooses. `forget_init` spreads the heads' initial
+    half-lives from never (head 0: a memory of the whole row, diluted only by what the gate
+    lets in) to 2 K. Heads `num_heads`, recall features `recall_features` per head. Strictly
+    causal, full causal receptive field in one layer (every past pair has weight
+    g_s a_{s+1} .. a_t s^2 / 2 > 0 unless its recall key is orthogonal to the query), packed
     segments mixed as if alone.
 
     A decode step keeps the last K keys and values [b, K, h, c] and the recall state
-    [b, h, F, c] with its normalizer [b, h, F] (fp32): the new position enters both.
+    [b, h, F, c] with its normalizer [b, h, F] (fp32): both decay by a_t, then the new
+    position enters them.
     O(K c + F c) per head and token.
     """
 
@@ -464,9 +508,12 @@ class RecallMixer(nn.Module):
         h, r, block = cfg.num_heads, cfg.recall_features, cfg.mixer_block
         c = d // h
         init = fan_in_normal((0,))
-        names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r, "w_write_gate": h}
-        w = [param_with_axes(n, init, (d, e), axes=("embed", "heads")) for n, e in names.items()]
+        names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r, "w_write_gate": h, "w_forget": h}
+        # w_forget starts at zero: every head decays at its spectrum's rate until it learns otherwise.
+        w = [param_with_axes(n, nn.initializers.zeros if n == "w_forget" else init, (d, e), axes=("embed", "heads"))
+             for n, e in names.items()]
         gate_bias = param_with_axes("b_write_gate", nn.initializers.zeros, (h,), axes=("heads",))
+        forget_bias = param_with_axes("b_forget", forget_init(block, cfg.max_length), (h,), axes=("heads",))
         wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
         if decode is not None:
             window = {n: cache_variable(self, decode, n, (bsz, block, h, c), cfg.dtype) for n in ("keys", "values")}
@@ -475,36 +522,44 @@ class RecallMixer(nn.Module):
             norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
-        # One matmul for the six projections: [b,t,d] -> [b,t,3d + 2hr + h] -> q, k, v, ql, kl, gate.
+        # One matmul for the projections: [b,t,d] -> [b,t,3d + 2hr + 2h] -> q, k, v, ql, kl, gate, forget.
         proj = jnp.einsum("btd,de->bte", x, jnp.concatenate(w, axis=1).astype(cfg.dtype))
         splits = list(itertools.accumulate(names.values()))[:-1]
-        q, k, v, ql, kl, g = (a.reshape(bsz, length, h, -1) for a in jnp.split(proj, splits, axis=-1))
+        q, k, v, ql, kl, g, f = (a.reshape(bsz, length, h, -1) for a in jnp.split(proj, splits, axis=-1))
         gate = jax.nn.sigmoid(g[..., 0].astype(jnp.float32) + gate_bias)  # [b,t,h]
+        log_decay = -jax.nn.softplus(f[..., 0].astype(jnp.float32) + forget_bias)  # [b,t,h], <= 0
         q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
         if decode == "step":
-            y = recall_step(window, state, norm, q, k, v, ql, kl, gate, ctx.positions[:, 0])
+            y = recall_step(window, state, norm, q, k, v, ql, kl, gate, log_decay, ctx.positions[:, 0])
         else:
-            y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block, chunk=cfg.recall_chunk)
+            y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block, log_decay=log_decay, chunk=cfg.recall_chunk)
             if decode == "prefill":
                 lengths = ctx.prefill_lengths
                 for name, a in (("keys", k), ("values", v)):
                     window[name].value = last_positions(a.astype(cfg.dtype), lengths, block)
-                prompt = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.float32)
-                fk = quadratic_features(kl) * (gate * prompt[..., None])[..., None]  # [b,t,h,F]
+                prompt = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.float32)[..., None]  # [b,t,1]
+                # Position s enters the state decayed by a_{s+1} ... a_{L-1} (L: the prompt's length):
+                # a reversed cumulative sum, exclusive, so that recent positions keep their precision.
+                after = jnp.cumsum((log_decay * prompt)[:, ::-1], axis=1)[:, ::-1]
+                after = jnp.pad(after[:, 1:], ((0, 0), (0, 1), (0, 0)))  # [b,t,h]
+                fk = quadratic_features(kl) * (gate * prompt * jnp.exp(after))[..., None]  # [b,t,h,F]
                 state.value = jnp.einsum("bthf,bthc->bhfc", fk, v.astype(jnp.float32))
                 norm.value = jnp.sum(fk, axis=1)
         return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
 
 
-def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, gate, t: Array) -> Array:
+def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, gate, log_decay,
+                t: Array) -> Array:
     """One position t [b] per row of the recall mixer from its cache; q, k, v, ql, kl [b, 1, h, *],
-    gate [b, 1, h] -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step,
-    t-K+1..t after; the recall state every position < t before, <= t after."""
+    gate, log_decay [b, 1, h] -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step,
+    t-K+1..t after; the recall state every position < t (decayed to t-1) before, <= t after."""
     keys, values = (slide(window[n], a.astype(window[n].value.dtype)) for n, a in (("keys", k), ("values", v)))
     block = keys.shape[1] - 1
+    decay = jnp.exp(log_decay[:, 0])  # [b,h]
     entering = quadratic_features(kl[:, 0]) * gate[:, 0, :, None]  # [b,h,F]
-    state.value = state.value + jnp.einsum("bhf,bhc->bhfc", entering, v[:, 0].astype(jnp.float32))
-    norm.value = norm.value + entering
+    state.value = decay[..., None, None] * state.value + jnp.einsum("bhf,bhc->bhfc", entering,
+                                                                    v[:, 0].astype(jnp.float32))
+    norm.value = decay[..., None] * norm.value + entering
     keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
     c = q.shape[-1]
     logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)

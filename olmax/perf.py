@@ -45,7 +45,7 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
             k, h, r = cfg.mixer_block, cfg.num_heads, cfg.recall_features
             states = h * mixers.feature_size(r) * (d // h)  # one token into or out of a [F, c] state per head
             n_blocks = -(-length // k)
-            per_layer += 2 * (4 * d * d + 2 * d * h * r + d * h)  # projections (q, k, v, out, recall q, k; gate)
+            per_layer += 2 * (4 * d * d + 2 * d * h * r + 2 * d * h)  # projections (q, k, v, out, recall q, k; gate, forget)
             per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; the own block's recall pairs
             per_layer += 2 * states * (2 + n_blocks / k)  # write, read, and sum the block states
         else:

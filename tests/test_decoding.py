@@ -42,7 +42,12 @@ def _init(cfg, batch=1, length=LENGTH):
     module = network.Olmax(cfg)
     tok = jnp.ones((batch, length), jnp.int32)
     params = jax.jit(lambda r: module.init(r, tok, tok, enable_dropout=False))(jax.random.PRNGKey(0))["params"]
-    return module, params
+    # The recall mixer's decay starts data-independent (w_forget = 0): make it depend on the
+    # token, by as much as a trained one might, so that cached == full covers per-token decay.
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    for i, path in enumerate(p for p in flat if p[-1] == "w_forget"):
+        flat[path] = 2.0 * jax.random.normal(jax.random.PRNGKey(i), flat[path].shape) / np.sqrt(cfg.features)
+    return module, flax.traverse_util.unflatten_dict(flat)
 
 
 def _tokens(cfg, batch=len(PREFILL), length=LENGTH, seed=0):

@@ -247,11 +247,12 @@ def test_axial_mixer_matches_dense_reference():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def _dense_recall(q, k, v, ql, kl, gate, seg, block):
-    """Per (t, s) pair: weight exp(q.k / sqrt(c)) over lags < block plus g_s s^2/2 over every lag
-    (s = ql.kl / sqrt(r)), one normalization."""
+def _dense_recall(q, k, v, ql, kl, gate, seg, block, decay=None):
+    """Per (t, s) pair: weight exp(q.k / sqrt(c)) over lags < block plus
+    g_s a_{s+1} ... a_t s^2/2 over every lag (s = ql.kl / sqrt(r), a: the decay), one normalization."""
     b, t, h, c = q.shape
     r = ql.shape[-1]
+    decay = np.ones(gate.shape) if decay is None else decay
     out = np.zeros_like(q)
     for bi, ti, hi in np.ndindex(b, t, h):
         src = [si for si in range(ti + 1) if seg[bi, si] == seg[bi, ti]]
@@ -259,7 +260,8 @@ def _dense_recall(q, k, v, ql, kl, gate, seg, block):
         for si in src:
             s = np.float64(ql[bi, ti, hi] @ kl[bi, si, hi]) / np.sqrt(r)
             window = np.exp(np.float64(q[bi, ti, hi] @ k[bi, si, hi]) / np.sqrt(c)) if ti - si < block else 0.0
-            weights.append(window + gate[bi, si, hi] * s * s / 2)
+            kept = np.prod(decay[bi, si + 1:ti + 1, hi].astype(np.float64))
+            weights.append(window + gate[bi, si, hi] * kept * s * s / 2)
         weights = np.array(weights)
         out[bi, ti, hi] = weights @ v[bi, src, hi] / weights.sum()
     return out
@@ -280,15 +282,20 @@ def test_axial_recall_matches_dense_reference(dense_far, chunk):
     seg = np.ones((b, t), np.int32)
     seg[1, 9:20], seg[1, 20:] = 2, 0
     seg[2, 5:7], seg[2, 7:] = 2, 3  # segment 3 spans blocks 1-5: its states run over 4 blocks
+    # Decays from 0.05 (the state forgets nearly all at each token) to 1 (it never does).
+    decay = rng.uniform(0.05, 1.0, (b, t, h)).astype(np.float32)
+    decay[:, :, 0] = 1.0
+    log_decay = jnp.log(jnp.asarray(decay))
     args = (q, k, v, ql, kl, gate, seg)
-    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far, chunk=chunk)
-    np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-5, atol=1e-5)
+    for a, log_a in ((None, None), (decay, log_decay)):
+        got = mixers.axial_recall(*map(jnp.asarray, args), block, log_decay=log_a, dense_far=dense_far, chunk=chunk)
+        np.testing.assert_allclose(got, _dense_recall(*args, block, a), rtol=1e-5, atol=1e-5)
     # Window logits of +-60 (exp overflows fp32 at 89) and kernel sums of ~1e4: still exact.
     q2, k2 = q * 8.0, k * 8.0
     args = (q2, k2, v, ql * 6.0, kl * 6.0, gate, seg)
-    got = mixers.axial_recall(*map(jnp.asarray, args), block, dense_far=dense_far, chunk=chunk)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block, log_decay=log_decay, dense_far=dense_far, chunk=chunk)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, _dense_recall(*args, block), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, _dense_recall(*args, block, decay), rtol=1e-4, atol=1e-4)
 
 
 def test_axial_recall_chunked_gradients_equal_one_step():
@@ -298,15 +305,18 @@ def test_axial_recall_chunked_gradients_equal_one_step():
     b, t, h, c, r, block = 2, 45, 2, 4, 3, 4
     args = [jnp.asarray(rng.randn(b, t, h, e).astype(np.float32)) for e in (c, c, c, r, r)]
     args.append(jnp.asarray(rng.uniform(0.05, 1.0, (b, t, h)).astype(np.float32)))
+    log_decay = jnp.log(jnp.asarray(rng.uniform(0.5, 1.0, (b, t, h)).astype(np.float32)))
     seg = np.ones((b, t), np.int32)
     seg[1, 6:30], seg[1, 30:] = 2, 3
     w = jnp.asarray(rng.randn(b, t, h, c).astype(np.float32))
 
     def grads(chunk):
-        loss = lambda *a: jnp.sum(mixers.axial_recall(*a, jnp.asarray(seg), block, False, chunk) * w)  # noqa: E731
-        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+        def loss(*a):
+            y = mixers.axial_recall(*a[:6], jnp.asarray(seg), block, log_decay=a[6], dense_far=False, chunk=chunk)
+            return jnp.sum(y * w)
+        return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args, log_decay)
 
-    for name, a, ref in zip(["q", "k", "v", "ql", "kl", "gate"], grads(12), grads(4096)):
+    for name, a, ref in zip(["q", "k", "v", "ql", "kl", "gate", "log_decay"], grads(12), grads(4096)):
         assert float(jnp.abs(ref).max()) > 1e-3, name
         np.testing.assert_allclose(a, ref, atol=2e-5, rtol=1e-4, err_msg=name)
 
