@@ -36,13 +36,11 @@ BYTE_VOCAB = 384  # olmax.tasks.BYTE_VOCAB_SIZE (importing olmax.tasks pulls in 
 # ----------------------------------------------------------------------- configs
 
 
-def mixer_block_for(length: int) -> int:
-    """K = sqrt(N) rounded to a power of two: the axial mixer's O(N^1.5) point."""
-    return 2 ** max(1, round(math.log2(math.sqrt(length))))
+mixer_block_for = network.mixer_block_for  # the model's own rule (max_length -> K)
 
 
 def olmax_config(features: int, depth: int, length: int, **kw) -> network.OlmaxConfig:
-    """The benchmarks' model family: conv width 4 d, 4 mixer channel groups / heads, K = sqrt(N)."""
+    """The benchmarks' model family: conv width 4 d, 4 mixer channel groups / heads, K = mixer_block_for(N)."""
     kw.setdefault("conv_features", 4 * features)
     kw.setdefault("mixer_block", mixer_block_for(length))
     kw.setdefault("mixer_heads", 4)

@@ -72,7 +72,7 @@ def measure(length: int, mixer: str, args) -> dict:
         for path, (_, run) in runs.items():  # alternate the paths
             for n in steps[path]:
                 best[path, n] = min(best[path, n], common.timed(lambda: run(params, prompt, lengths, jnp.int32(n))))
-    row = {"length": length, "block": cfg.mixer_block, "mixer": mixer, "greedy_agree": agree}
+    row = {"length": length, "block": cfg.block_size, "mixer": mixer, "greedy_agree": agree}
     for path in runs:
         n1, n2 = steps[path]
         per_step = max((best[path, n2] - best[path, n1]) / (n2 - n1), 1e-9)

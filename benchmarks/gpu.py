@@ -71,13 +71,7 @@ LABELS = {"recall": "recall", "fused": "attention (fused)", "materialized": "att
           "attention": "attention"}
 
 
-def _mixer_block_for(length: int) -> int:
-    """The recall mixer's block K for sequences of `length` tokens (olmax.network's rule when it has one)."""
-    return 64 if length <= 4096 else 128 if length <= 65536 else 256
-
-
-mixer_block_for = getattr(network, "mixer_block_for", _mixer_block_for)
-
+mixer_block_for = network.mixer_block_for
 
 # ----------------------------------------------------------------------- the plan
 
@@ -367,8 +361,7 @@ def benchmark(plan: Plan, rows: list[Row], command: str) -> dict:
     return {
         "command": command, "seconds": time.perf_counter() - start, "hardware": hardware(peak),
         "peak_matmul": f"{plan.peak_n}^2 {jnp.dtype(dtype).name}",
-        "mixer_block_rule": "olmax.network.mixer_block_for" if mixer_block_for is not _mixer_block_for else
-        "local: 64 up to 4096 tokens, 128 up to 65536, 256 beyond",
+        "mixer_block_rule": "olmax.network.mixer_block_for",
         "models": {name: {**dataclasses.asdict(cfg), "dtype": jnp.dtype(plan.dtype).name}
                    for name, cfg in plan.models.items()},
         "decode_steps": plan.decode_steps, "steps": plan.steps, "rows": records,

@@ -19,6 +19,8 @@ section files present); prints the tables.
   ablations   SandwichLN vs PreNorm, RMSNorm vs LayerNorm: loss at equal steps, step time.
   mfu         model FLOPs per token x tokens/s over the fp32 matmul peak measured
               in the same run, at the small config (gin/models/small.gin sizes).
+  block       the recall mixer's forward + backward tokens/s and step memory for each
+              mixer_block K at each length: the data behind olmax.network.mixer_block_for.
 
 The machine is shared: variants run in one process, interleaved, and each table
 reports min / median times and ratios; the 1-min load average is recorded.
@@ -44,7 +46,7 @@ from benchmarks import common, plots
 from benchmarks.common import Section, Target
 from olmax import layers, models, network, perf, reversible
 
-SECTIONS = ("memory", "throughput", "quality", "ablations", "mfu")
+SECTIONS = ("memory", "throughput", "quality", "ablations", "mfu", "block")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MiB = 2**20
 
@@ -94,6 +96,13 @@ class Sizes:
     mfu_batch: int = 2
     mfu_steps: int = 3
     peak_sizes: tuple[int, ...] = (1024, 2048)  # matmul sizes for the peak; the best one counts
+    # block: the recall mixer's step at each length for each mixer_block K (tiny.gin's widths, depth 1)
+    blk_lengths: tuple[int, ...] = (1024, 4096, 16384, 32768)
+    blk_blocks: tuple[int, ...] = (16, 32, 64, 128, 256)
+    blk_tokens: int = 16384
+    blk_features: int = 128
+    blk_repeats: int = 3
+    blk_slack: float = 0.9  # the rule's K must reach this share of the fastest K's tokens/s
 
 
 QUICK = Sizes(
@@ -106,6 +115,7 @@ QUICK = Sizes(
     # = the quick quality model, whose compiled train step is then reused
     mfu_features=32, mfu_depth=1, mfu_conv_features=64, mfu_mixer_block=8, mfu_mixer_heads=4,
     mfu_length=64, mfu_batch=4, mfu_steps=2, peak_sizes=(256,),
+    blk_lengths=(64, 256), blk_blocks=(8, 16), blk_tokens=512, blk_features=16, blk_repeats=2, blk_slack=0.0,
 )
 
 
@@ -217,7 +227,7 @@ def memory(s: Sizes, out: str) -> Section:
             "buffers of one loss + gradient computation (parameters, inputs and gradients excluded), exact and "
             "deterministic; nothing is run (so the programs are compiled without LLVM's optimizations, which "
             "do not change buffer assignment).",
-            f"Model: features {s.mem_features}, conv_features {cfg.conv_features}, mixer_block {cfg.mixer_block}, "
+            f"Model: features {s.mem_features}, conv_features {cfg.conv_features}, mixer_block {cfg.block_size}, "
             f"4 heads, {cfg.mixer} mixer, byte vocabulary; batch {s.mem_batch} x length {s.mem_length}, fp32.",
             "reversible and remat: `DecoderOnlyLM.loss_fn` with `reversible=True` / `False` (network.Stack remats "
             "each layer). plain: the same forward rebuilt from `network.layer_fns` and "
@@ -288,7 +298,7 @@ def throughput(s: Sizes, out: str) -> Section:
                 r["tok_s"] = batch * length / r["step_s"]
         tok = {m: res[length, m]["tok_s"] for m in TP_MIXERS}
         ratio = {m: tok[m] / tok["attention"] if tok[m] and tok["attention"] else None for m in ("recall", "axial")}
-        rows.append([length, olmax.mixer_block, batch] + [tok[m] for m in TP_MIXERS] + [ratio["recall"], ratio["axial"]]
+        rows.append([length, olmax.block_size, batch] + [tok[m] for m in TP_MIXERS] + [ratio["recall"], ratio["axial"]]
                     + [res[length, m]["flops_per_token"] / 1e6 for m in TP_MIXERS]
                     + [res[length, m]["temp_mib"] for m in TP_MIXERS])
         log(f"  N={length:6d} batch {batch:3d}: " + ", ".join(f"{m} {common.cell(tok[m])} tok/s" for m in TP_MIXERS)
@@ -423,7 +433,7 @@ def quality(s: Sizes, out: str) -> Section:
         )],
         notes=[
             f"Both models: features {s.q_features}, conv_features {s.q_conv_features}, depth {s.q_depth}, mixer "
-            f"block {olmax_cfg.mixer_block}, 4 groups / heads, conv then mixer, reversible, SandwichLN + "
+            f"block {olmax_cfg.block_size}, 4 groups / heads, conv then mixer, reversible, SandwichLN + "
             f"RMSNorm; sequences of {s.q_length} bytes, batch {s.q_batch}, packed; AdamW + AGC "
             "(olmax.optim.create_optimizer defaults) at LR 3e-3, 20 warm-up steps then constant; the same "
             "initialization seed and the same batches in the same order.",
@@ -579,7 +589,7 @@ def mfu(s: Sizes, out: str) -> Section:
         targets=[Target("MFU at the small config", ">= 30%", f"{100 * value:.1f}%", value >= 0.3)],
         notes=[
             f"Model: gin/models/small.gin sizes (features {cfg.features}, depth {cfg.depth}, conv_features "
-            f"{cfg.conv_features}, mixer_block {cfg.mixer_block}, mixer_heads {cfg.mixer_heads}), reversible, "
+            f"{cfg.conv_features}, mixer_block {cfg.block_size}, mixer_heads {cfg.mixer_heads}), reversible, "
             f"fp32, max_length {s.mfu_length}; the full train step of olmax.train (AdamW + AGC).",
             "MFU = olmax.perf.train_flops_per_token (3 x the forward's multiply-adds x 2; the reversible "
             "backward's recomputation of the forward is not counted) x tokens/s / the fp32 matmul peak "
@@ -597,10 +607,94 @@ def mfu(s: Sizes, out: str) -> Section:
     )
 
 
+# ------------------------------------------------------------------- 6. block
+
+
+def block(s: Sizes, out: str) -> Section:
+    """The recall mixer's step for each K at each length, against network.mixer_block_for's choice."""
+    res: dict[tuple[int, int], dict] = {}
+    for length in s.blk_lengths:
+        batch = max(1, s.blk_tokens // length)
+        data = common.token_batch(batch, length)
+        blocks = [k for k in s.blk_blocks if 4 * k <= length]
+        lowered, ps = {}, {}
+        for k in blocks:
+            cfg = common.olmax_config(s.blk_features, 1, length, mixer="recall", mixer_block=k,
+                                      conv_features=2 * s.blk_features)
+            lm = models.DecoderOnlyLM(network.Olmax(cfg))
+            ps[k] = common.random_params(cfg, (batch, length))
+            lowered[k] = jax.jit(jax.grad(lambda p, b, lm=lm: lm.loss_fn(p, b, None)[0])).lower(ps[k], data)
+        compiled = compile_all(lowered)
+        runs = {k: (lambda c=compiled[k], p=ps[k]: c(p, data)) for k in blocks}
+        for run in runs.values():
+            common.timed(run)  # warm-up
+        times = common.interleaved(runs, s.blk_repeats)
+        for k in blocks:
+            res[length, k] = {"tok_s": batch * length / min(times[k]),
+                              "temp_mib": compiled[k].memory_analysis().temp_size_in_bytes / MiB}
+        log(f"  N={length:6d}: " + ", ".join(f"K {k} {res[length, k]['tok_s']:.0f} tok/s "
+                                            f"{res[length, k]['temp_mib']:.0f} MiB" for k in blocks))
+    return block_section(s, res, out)
+
+
+def block_section(s: Sizes, res: dict[tuple[int, int], dict], out: str) -> Section:
+    """The block section's tables, targets and plot from its measurements {(length, K): {tok_s, temp_mib}}."""
+    rows, per_k, targets = [], [], []
+    for length in s.blk_lengths:
+        batch = max(1, s.blk_tokens // length)
+        blocks = [k for k in s.blk_blocks if (length, k) in res]
+        fastest = max(blocks, key=lambda k: res[length, k]["tok_s"])
+        leanest = min(blocks, key=lambda k: res[length, k]["temp_mib"])
+        rule = network.mixer_block_for(length)
+        share = res[length, rule]["tok_s"] / res[length, fastest]["tok_s"] if rule in blocks else None
+        rows.append([length, batch, fastest, res[length, fastest]["tok_s"], leanest, res[length, leanest]["temp_mib"],
+                     rule, share])
+        per_k.append([length] + [res[length, k]["tok_s"] if k in blocks else None for k in s.blk_blocks]
+                     + [res[length, k]["temp_mib"] if k in blocks else None for k in s.blk_blocks])
+        if share is not None:
+            targets.append(Target(f"mixer_block_for({length}) = {rule}: tokens/s vs the fastest K ({fastest})",
+                                  f">= {s.blk_slack:g}x", f"{share:.2f}x", share >= s.blk_slack))
+
+    fig, (ax1, ax2) = common.figure(2)
+    for length in s.blk_lengths:
+        ks = [k for k in s.blk_blocks if (length, k) in res]
+        ax1.plot(ks, [res[length, k]["tok_s"] for k in ks], marker="o", label=f"N={length}")
+        ax2.plot(ks, [res[length, k]["temp_mib"] for k in ks], marker="o", label=f"N={length}")
+    plots.log_axes(ax1, "mixer_block K", "forward + backward tokens/s")
+    plots.log_axes(ax2, "mixer_block K", "step temp memory (MiB)")
+    ax1.set_title("Recall mixer speed vs K")
+    ax2.set_title("Recall mixer memory vs K")
+    plot = common.save_figure(fig, out, "block.png")
+    return Section(
+        name="block",
+        title="The recall mixer's block size K: speed and memory by length",
+        header=["length", "batch", "fastest K", "its tok/s", "leanest K", "its temp MiB", "mixer_block_for",
+                "its tok/s / fastest"],
+        rows=rows,
+        extra_tables=[("Every K:", ["length"] + [f"K={k} tok/s" for k in s.blk_blocks]
+                       + [f"K={k} temp MiB" for k in s.blk_blocks], per_k)],
+        targets=targets,
+        notes=[
+            f"Forward + backward (jit(grad(loss_fn))) of {s.blk_tokens} tokens per step (batch = tokens / length); "
+            f"tokens/s from the min over {s.blk_repeats} runs, the K values alternating, after a warm-up run; "
+            f"temp MiB: the compiled step's temp memory. K only where 4 K <= length.",
+            f"Model: features {s.blk_features}, depth 1, conv {2 * s.blk_features}, 4 heads, "
+            f"{network.OlmaxConfig.recall_features} recall features per head, reversible, fp32.",
+            "Per token and head the mixer costs ~4 K c (window scores and values) + K (r + c) (the own block's "
+            "recall pairs) + 2 F c (write and read a state) + F c / K (pass the block states on), F = r (r+1)/2: "
+            "the far part is linear in N at any K. Memory per token: ~2 K window scores + F (c+1) / K block "
+            "states. Small K is cheap in FLOPs and heavy in states; large K the other way round.",
+        ],
+        plots=[plot],
+        data={"results": {f"{n}/{k}": r for (n, k), r in res.items()}},
+    )
+
+
 # --------------------------------------------------------------------- driver
 
 
-RUNNERS = {"memory": memory, "throughput": throughput, "quality": quality, "ablations": ablations, "mfu": mfu}
+RUNNERS = {"memory": memory, "throughput": throughput, "quality": quality, "ablations": ablations, "mfu": mfu,
+           "block": block}
 
 
 # Sections with their own commands (benchmarks/recall.py, benchmarks/t5x_peer.py), summarized too.

@@ -86,7 +86,7 @@ class AxialMixer(nn.Module):
     def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
         cfg = self.config
         bsz, length, d = x.shape
-        k, h = cfg.mixer_block, cfg.mixer_heads
+        k, h = cfg.block_size, cfg.mixer_heads
         max_blocks = -(-cfg.max_length // k)
         # [lags, h]: lag 0 starts near identity so a fresh layer passes local signal on.
         a = param_with_axes("block_lags", lag_init(max_blocks), (max_blocks, h), axes=("mix_lag", "heads"))
@@ -505,7 +505,7 @@ class RecallMixer(nn.Module):
     def __call__(self, x: Array, ctx: Context, decode: str | None = None) -> tuple[Array, dict]:
         cfg = self.config
         bsz, length, d = x.shape
-        h, r, block = cfg.num_heads, cfg.recall_features, cfg.mixer_block
+        h, r, block = cfg.num_heads, cfg.recall_features, cfg.block_size
         c = d // h
         init = fan_in_normal((0,))
         names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r, "w_write_gate": h, "w_forget": h}

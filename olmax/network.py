@@ -55,8 +55,9 @@ class OlmaxConfig:
     # Causal convolution block.
     conv_kernel: int = 5
     conv_features: int = 512
-    # Axial mixer: block size K (O(N^1.5) at K = sqrt(max_length)) and channel groups.
-    mixer_block: int = 64
+    # Block size K of the recall and axial mixers (the recall mixer's softmax window); None:
+    # mixer_block_for(max_length), the measured fastest K for rows that long. Read `block_size`.
+    mixer_block: int | None = None
     mixer_heads: int = 4
     # Heads of the attention baseline and of the recall mixer.
     num_heads: int = 4
@@ -92,16 +93,39 @@ class OlmaxConfig:
             raise ValueError(f"features={self.features} must be divisible by mixer_heads={self.mixer_heads}.")
         if self.features % self.num_heads or (self.features // self.num_heads) % 2:
             raise ValueError(f"features={self.features} / num_heads={self.num_heads} must be an even head size.")
-        for name in ("vocab_size", "features", "depth", "max_length", "mixer_block", "conv_kernel", "conv_features",
+        for name in ("vocab_size", "features", "depth", "max_length", "conv_kernel", "conv_features",
                      "recall_features", "recall_chunk", "attention_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+        if self.mixer_block is not None and self.mixer_block < 1:
+            raise ValueError(f"mixer_block={self.mixer_block} must be positive (or None: chosen by max_length).")
+
+    @property
+    def block_size(self) -> int:
+        """K, the mixers' block size: mixer_block, or mixer_block_for(max_length) when it is None."""
+        return self.mixer_block if self.mixer_block is not None else mixer_block_for(self.max_length)
 
     @property
     def layer_blocks(self) -> tuple[str, ...]:
         if self.blocks is not None:
             return tuple(self.blocks)
         return ("conv", "moe", "mixer") if self.num_experts else ("conv", "mixer")
+
+
+def mixer_block_for(length: int) -> int:
+    """K for rows of `length` tokens: the largest power of two in [8, 64] with 16 K <= length.
+
+    Measured (benchmarks.run --only block: tiny widths, forward + backward, 2-core CPU): at
+    1k-32k tokens K = 32 or 64 is fastest and leanest, within 7% of each other (64 at 1k, 32
+    from 4k); K = 16 and K >= 128 lose 5-35%. 64 over 32: a softmax window twice as wide for
+    at most 7% of speed. The recall mixer's far part is linear in N at any K (per token ~K c
+    window work and F c / K state traffic), so the best K does not grow with N; below 1024
+    tokens K shrinks so that a row still has >= 16 blocks. (The axial mixer, O(N (N/K + K)),
+    would rather have K ~ sqrt(N): set mixer_block for it.)"""
+    k = 8
+    while k < 64 and 32 * k <= length:
+        k *= 2
+    return k
 
 
 def _choice(name: str, value: Any, valid: tuple) -> None:

@@ -39,10 +39,10 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
         elif kind == "moe":
             per_layer += 2 * d * cfg.num_experts + cfg.expert_top_k * 2 * 2 * d * cfg.expert_features
         elif cfg.mixer == "axial":
-            n_blocks = -(-length // cfg.mixer_block)
-            per_layer += 2 * d * (n_blocks + 2 * cfg.mixer_block)  # token mixing (both axes)
+            n_blocks = -(-length // cfg.block_size)
+            per_layer += 2 * d * (n_blocks + 2 * cfg.block_size)  # token mixing (both axes)
         elif cfg.mixer == "recall":
-            k, h, r = cfg.mixer_block, cfg.num_heads, cfg.recall_features
+            k, h, r = cfg.block_size, cfg.num_heads, cfg.recall_features
             states = h * mixers.feature_size(r) * (d // h)  # one token into or out of a [F, c] state per head
             n_blocks = -(-length // k)
             per_layer += 2 * (4 * d * d + 2 * d * h * r + 2 * d * h)  # projections (q, k, v, out, recall q, k; gate, forget)

@@ -35,6 +35,8 @@ EXPECTED = {
                    "step s (min)", "step s (median)", "step time / Olmax (min)"], 4, 4),
     "mfu": (["config", "params", "length", "batch", "step s (min)", "tokens/s", "model MFLOP/token", "peak GFLOP/s",
              "MFU %", "MFU % (medians)"], 1, 1),
+    "block": (["length", "batch", "fastest K", "its tok/s", "leanest K", "its temp MiB", "mixer_block_for",
+               "its tok/s / fastest"], 0, len(run.QUICK.blk_lengths)),
 }
 TARGETS_HEADER = ["claim", "target", "measured", "met"]
 
@@ -172,7 +174,8 @@ def test_committed_results_are_well_formed(name):
     with open(os.path.join(RESULTS, f"{name}.json")) as f:
         quick = json.load(f)["context"]["quick"]
     rows = None if quick else {
-        "memory": len(run.Sizes().mem_depths), "throughput": len(run.Sizes().tp_lengths)
+        "memory": len(run.Sizes().mem_depths), "throughput": len(run.Sizes().tp_lengths),
+        "block": len(run.Sizes().blk_lengths),
     }.get(name, EXPECTED[name][2])
     check_section(RESULTS, name, rows, allow_missing=True)
 

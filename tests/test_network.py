@@ -350,3 +350,26 @@ def test_config_errors_name_the_problem():
     tok = jnp.ones((1, BASE.max_length + 1), jnp.int32)
     with pytest.raises(ValueError, match="max_length"):
         module.init(jax.random.PRNGKey(0), tok, tok)
+    with pytest.raises(ValueError, match="mixer_block=0"):
+        network.OlmaxConfig(mixer_block=0)
+
+
+def test_mixer_block_follows_max_length():
+    """mixer_block=None takes K from max_length (network.mixer_block_for): >= 16 blocks per row,
+    powers of two from 8 to 64, 64 from 1024 tokens on; an explicit mixer_block wins."""
+    assert [network.mixer_block_for(n) for n in (64, 256, 512, 1024, 4096, 524288)] == [8, 16, 32, 64, 64, 64]
+    assert network.OlmaxConfig(max_length=256).block_size == 16
+    assert network.OlmaxConfig(max_length=32768).block_size == 64
+    assert network.OlmaxConfig(max_length=32768, mixer_block=128).block_size == 128
+    # The window is part of the function: a config copied to a longer max_length keeps an explicit K.
+    cfg = dataclasses.replace(network.OlmaxConfig(max_length=256, mixer_block=16), max_length=4096)
+    assert cfg.block_size == 16
+
+
+def test_forget_spectrum():
+    """Head 0 never forgets (half-life > 1e8 tokens); the others' half-lives span max_length .. 2 K."""
+    bias = np.asarray(mixers.forget_init(16, 1024)(None, (4,)))
+    half_life = np.log(2.0) / np.log1p(np.exp(bias))  # ln 2 / softplus(b)
+    assert half_life[0] > 1e8
+    np.testing.assert_allclose(half_life[1:], [1024, 181.02, 32], rtol=1e-3)
+    assert np.asarray(mixers.forget_init(16, 1024)(None, (1,))).shape == (1,)

@@ -1,0 +1,52 @@
+"""benchmarks.long_context: its rows say what they claim, and a tiny run writes its tables."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import long_context as lc
+from olmax import network
+
+
+@pytest.mark.parametrize("gap", [0, 17, 64 - 4 * 3])
+def test_distance_row_layout(gap):
+    """Pairs `gap` tokens before the query block, distinct keys, every answer its key's value,
+    filler disjoint from keys and values, the loss mask on exactly the P answers."""
+    length, pairs = 64, 3
+    tokens, answers = lc.distance_row(np.random.RandomState(gap), length, pairs, gap)
+    start, q = length - 4 * pairs - gap, length - 2 * pairs
+    keys, values = tokens[start:start + 2 * pairs:2], tokens[start + 1:start + 2 * pairs:2]
+    assert len(set(keys.tolist())) == pairs
+    assert ((keys >= lc.KEY0) & (keys < lc.KEY0 + lc.KEYS)).all()
+    assert ((values >= lc.VALUE0) & (values < lc.VALUE0 + lc.VALUES)).all()
+    pair_of = dict(zip(keys.tolist(), values.tolist()))
+    assert all(pair_of[int(k)] == int(v) for k, v in zip(tokens[q::2], tokens[q + 1::2]))
+    assert np.flatnonzero(answers).tolist() == list(range(q + 1, length, 2))
+    filler = np.ones(length, bool)
+    filler[start:start + 2 * pairs] = filler[q:] = False
+    assert (tokens[filler] >= lc.FILLER0).all() and (tokens[filler] < lc.FILLER0 + lc.FILLERS).all()
+    assert lc.FILLER0 >= lc.VALUE0 + lc.VALUES
+    with pytest.raises(ValueError, match="gap=53"):
+        lc.distance_row(np.random.RandomState(0), length, pairs, length - 4 * pairs + 1)
+
+
+def test_distance_section_writes_every_cell(tmp_path):
+    """A 2-step run of both mixers scores every (eval length, distance) cell and checks its targets."""
+    lc.RESULTS_OUT[0] = str(tmp_path)
+    lc.CONTEXT.update(command="test", hardware={"cpu": "x", "cores": 1, "device": "cpu", "jax": "", "python": ""},
+                      start=0.0, load0=0.0)
+    s = lc.DistanceSetup(length=64, eval_factors=(1, 4), pairs=2, features=16, depth=1, tokens_per_step=128,
+                         steps=2, chunk=2, val_rows=1)
+    section = lc.distance(s, str(tmp_path))
+    assert len(section.rows) == 2 * 3  # (64, 256) x (near, mid, far)
+    assert all(isinstance(x, float) and 0 <= x for row in section.rows for x in row[3:])
+    assert [t.claim.split(":")[0] for t in section.targets][-1].startswith("length generalization")
+    saved = json.loads((tmp_path / "long_context_distance.json").read_text())
+    assert saved["rows"] == [list(r) for r in section.rows]
+    assert lc.distance_config("recall", s).block_size == network.mixer_block_for(64)
+
+
+def test_step_prediction_extrapolates_growth():
+    res = {("attention", 1024): {"step_s": 2.0}, ("attention", 2048): {"step_s": 8.0}}
+    assert lc._predicted_step(res, "attention", 4096) == 32.0
+    assert lc._predicted_step(res, "attention", 2048) == 0.0  # one row before it only
