@@ -244,13 +244,26 @@ MODELS = {
 }
 
 
-def longest(model: str, first: int, max_row: int, memory_gib: float, step_limit_s: float, out: str) -> Section:
+def longest(model: str, first: int, max_row: int, memory_gib: float, step_limit_s: float, out: str,
+            mixers=("recall", "attention"), keep: bool = False) -> Section:
+    """Double the row from `first` for each mixer until it does not fit or its step exceeds the limit.
+    keep: start from the rows of <out>/long_context_longest.json (same model) and measure only the others."""
     rows, res = [], {}
     stopped: dict[str, str] = {}
+    if keep and (prev := common.read_section(out, "long_context_longest")) is not None:
+        for key, r in prev["data"]["results"].items():
+            mixer, n = key.split("/")
+            res[mixer, int(n)] = r
+        rows = [list(r) for r in prev["rows"]]
+        stopped = dict(prev["data"].get("stopped", {}))
+        for m in {m for m, _ in res} - set(mixers) - set(stopped):
+            nxt = 2 * max(n for mm, n in res if mm == m)
+            stopped[m] = (f"{nxt:,} tokens not run (kept from an earlier run; its step, extrapolated from the two "
+                          f"rows before, would take ~{_predicted_step(res, m, nxt):.0f} s)")
     length = first
     while length <= max_row:
-        for mixer in ("recall", "attention"):
-            if mixer in stopped:
+        for mixer in mixers:
+            if mixer in stopped or (mixer, length) in res:
                 continue
             cfg = network.OlmaxConfig(vocab_size=common.BYTE_VOCAB, max_length=length, mixer=mixer, **MODELS[model])
             predicted = _predicted_step(res, mixer, length)
@@ -333,7 +346,7 @@ def _longest_section(model, rows, res, stopped, step_limit_s) -> Section:
                f"the second of two (the first alone when it takes over 60 s); model {MODELS[model]}, byte vocabulary, fp32, reversible; attention: "
                "the blockwise (flash-style) kernel, K: the recall mixer's mixer_block (network.mixer_block_for).",
                "Stopped: " + ("; ".join(f"{m}: {w}" for m, w in stopped.items()) or "none") + "."],
-        data={"results": {f"{m}/{n}": r for (m, n), r in res.items()}},
+        data={"results": {f"{m}/{n}": r for (m, n), r in res.items()}, "stopped": stopped},
     )
 
 
@@ -368,6 +381,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max_row", type=int, default=524288)
     parser.add_argument("--memory_gib", type=float, default=20.0)
     parser.add_argument("--step_limit_s", type=float, default=600.0)
+    parser.add_argument("--keep", action="store_true", help="longest: keep the rows already in the results")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     RESULTS_OUT[0] = args.out
@@ -382,7 +396,8 @@ def main(argv=None) -> None:
         log(common.section_markdown(distance(s, args.out, tuple(args.mixers.split(","))), dict(
             CONTEXT, seconds=time.perf_counter() - CONTEXT["start"], load=[CONTEXT["load0"], common.load()])))
     if "longest" in sections:
-        sec = longest(args.model, args.first_row, args.max_row, args.memory_gib, args.step_limit_s, args.out)
+        sec = longest(args.model, args.first_row, args.max_row, args.memory_gib, args.step_limit_s, args.out,
+                      tuple(args.mixers.split(",")), args.keep)
         write(args.out, sec)
         log(common.section_markdown(sec, dict(CONTEXT, seconds=time.perf_counter() - CONTEXT["start"],
                                               load=[CONTEXT["load0"], common.load()])))
