@@ -245,21 +245,24 @@ MODELS = {
 
 
 def longest(model: str, first: int, max_row: int, memory_gib: float, step_limit_s: float, out: str,
-            mixers=("recall", "attention"), keep: bool = False) -> Section:
+            mixers=("recall", "attention"), keep: bool = False, note: str = "") -> Section:
     """Double the row from `first` for each mixer until it does not fit or its step exceeds the limit.
     keep: start from the rows of <out>/long_context_longest.json (same model) and measure only the others."""
     rows, res = [], {}
     stopped: dict[str, str] = {}
+    notes: list[str] = []
     if keep and (prev := common.read_section(out, "long_context_longest")) is not None:
         for key, r in prev["data"]["results"].items():
             mixer, n = key.split("/")
             res[mixer, int(n)] = r
         rows = [list(r) for r in prev["rows"]]
         stopped = dict(prev["data"].get("stopped", {}))
+        notes = [n for n in prev["data"].get("notes", []) if n != note]
         for m in {m for m, _ in res} - set(mixers) - set(stopped):
             nxt = 2 * max(n for mm, n in res if mm == m)
             stopped[m] = (f"{nxt:,} tokens not run (kept from an earlier run; its step, extrapolated from the two "
                           f"rows before, would take ~{_predicted_step(res, m, nxt):.0f} s)")
+    notes += [note] if note else []
     length = first
     while length <= max_row:
         for mixer in mixers:
@@ -278,9 +281,9 @@ def longest(model: str, first: int, max_row: int, memory_gib: float, step_limit_
             log(f"  {mixer:9s} {length:7d} tokens: {r['gib']:.2f} GiB, step {r.get('step_s') or 0:.1f} s {r['why']}")
             if r["why"] or r["step_s"] > step_limit_s:
                 stopped[mixer] = r["why"] or f"step {r['step_s']:.0f} s > {step_limit_s:g} s"
-            write(out, _longest_section(model, rows, res, stopped, step_limit_s))
+            write(out, _longest_section(model, rows, res, stopped, step_limit_s, notes))
         length *= 2
-    return _longest_section(model, rows, res, stopped, step_limit_s)
+    return _longest_section(model, rows, res, stopped, step_limit_s, notes)
 
 
 def _predicted_step(res: dict, mixer: str, length: int) -> float:
@@ -319,7 +322,7 @@ def _one_step(cfg: network.OlmaxConfig, length: int, memory_gib: float, step_lim
     return {"gib": gib, "step_s": times[-1], "tok_s": length / times[-1], "why": "", "loss": float(loss)}
 
 
-def _longest_section(model, rows, res, stopped, step_limit_s) -> Section:
+def _longest_section(model, rows, res, stopped, step_limit_s, notes=()) -> Section:
     def longest_row(mixer: str, limit: float) -> int:
         ok = [n for (m, n), r in res.items() if m == mixer and r.get("step_s") and r["step_s"] <= limit]
         return max(ok, default=0)
@@ -345,8 +348,8 @@ def _longest_section(model, rows, res, stopped, step_limit_s) -> Section:
         notes=[f"One jitted step (loss, gradient, AdamW update; params and optimizer state donated) at batch 1, "
                f"the second of two (the first alone when it takes over 60 s); model {MODELS[model]}, byte vocabulary, fp32, reversible; attention: "
                "the blockwise (flash-style) kernel, K: the recall mixer's mixer_block (network.mixer_block_for).",
-               "Stopped: " + ("; ".join(f"{m}: {w}" for m, w in stopped.items()) or "none") + "."],
-        data={"results": {f"{m}/{n}": r for (m, n), r in res.items()}, "stopped": stopped},
+               "Stopped: " + ("; ".join(f"{m}: {w}" for m, w in stopped.items()) or "none") + "."] + list(notes),
+        data={"results": {f"{m}/{n}": r for (m, n), r in res.items()}, "stopped": stopped, "notes": list(notes)},
     )
 
 
@@ -382,6 +385,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory_gib", type=float, default=20.0)
     parser.add_argument("--step_limit_s", type=float, default=600.0)
     parser.add_argument("--keep", action="store_true", help="longest: keep the rows already in the results")
+    parser.add_argument("--note", default="", help="longest: a note for the table (how the run went)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     RESULTS_OUT[0] = args.out
@@ -397,7 +401,7 @@ def main(argv=None) -> None:
             CONTEXT, seconds=time.perf_counter() - CONTEXT["start"], load=[CONTEXT["load0"], common.load()])))
     if "longest" in sections:
         sec = longest(args.model, args.first_row, args.max_row, args.memory_gib, args.step_limit_s, args.out,
-                      tuple(args.mixers.split(",")), args.keep)
+                      tuple(args.mixers.split(",")), args.keep, args.note)
         write(args.out, sec)
         log(common.section_markdown(sec, dict(CONTEXT, seconds=time.perf_counter() - CONTEXT["start"],
                                               load=[CONTEXT["load0"], common.load()])))

@@ -697,8 +697,8 @@ RUNNERS = {"memory": memory, "throughput": throughput, "quality": quality, "abla
            "block": block}
 
 
-# Sections with their own commands (benchmarks/recall.py, benchmarks/t5x_peer.py), summarized too.
-OTHER_SECTIONS = ("recall", "t5x_quality", "t5x_speed")
+# Sections with their own commands (benchmarks/recall.py, t5x_peer.py, long_context.py), summarized too.
+OTHER_SECTIONS = ("recall", "t5x_quality", "t5x_speed", "long_context_longest")
 
 
 def write_summary(out: str) -> str:
