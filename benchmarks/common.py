@@ -239,6 +239,35 @@ TRAIN_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_wei
               "decoder_positions")
 
 
+def lm_batch(targets: np.ndarray, loss_weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Unpacked rows of token ids [b, t] -> the train step's features (TRAIN_KEYS): inputs shifted
+    right with 0 first, one segment per row, positions 0..t-1, loss weights 1 unless given."""
+    targets = np.asarray(targets, np.int32)
+    b, t = targets.shape
+    weights = np.ones((b, t), np.int32) if loss_weights is None else np.asarray(loss_weights, np.int32)
+    return {"decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1),
+            "decoder_target_tokens": targets, "decoder_loss_weights": weights,
+            "decoder_segment_ids": np.ones((b, t), np.int32),
+            "decoder_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
+@functools.lru_cache(maxsize=None)
+def target_logprobs(cfg: network.OlmaxConfig) -> Callable:
+    """Compiled (params, batch) -> (log p(target) [b, t], argmax == target [b, t]) under the model."""
+    module = network.Olmax(cfg)
+
+    @jax.jit
+    def fn(params, batch):
+        logits = module.apply({"params": params}, batch["decoder_input_tokens"],
+                              decoder_segment_ids=batch["decoder_segment_ids"],
+                              decoder_positions=batch["decoder_positions"], enable_dropout=False)
+        tgt = batch["decoder_target_tokens"]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[..., None], axis=-1)[..., 0]
+        return logp, jnp.argmax(logits, -1) == tgt
+
+    return fn
+
+
 class Trainee:
     """One model under training with Olmax's own train step (olmax.trainer.make_steps).
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -74,13 +73,7 @@ def distance_row(rng: np.random.RandomState, length: int, pairs: int, gap: int) 
 
 def batch_of(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """Rows -> the train step's features (common.TRAIN_KEYS); loss weights on the answers only."""
-    tokens = np.stack([r[0] for r in rows])
-    answers = np.stack([r[1] for r in rows])
-    b, t = tokens.shape
-    inputs = np.concatenate([np.zeros((b, 1), np.int32), tokens[:, :-1]], axis=1)
-    return {"decoder_input_tokens": inputs, "decoder_target_tokens": tokens,
-            "decoder_loss_weights": answers.astype(np.int32), "decoder_segment_ids": np.ones((b, t), np.int32),
-            "decoder_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    return common.lm_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
 
 
 def eval_gaps(length: int, pairs: int) -> dict[str, int]:
@@ -114,25 +107,12 @@ def distance_config(mixer: str, s: DistanceSetup) -> network.OlmaxConfig:
     return cfg if mixer == "recall" else common.attention_twin(cfg)
 
 
-@functools.lru_cache(maxsize=None)
-def _scorer(cfg: network.OlmaxConfig):
-    module = network.Olmax(cfg)
-
-    @jax.jit
-    def fn(params, tokens, inputs):
-        logits = module.apply({"params": params}, inputs, enable_dropout=False)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[..., None], -1)[..., 0]
-        return logp, jnp.argmax(logits, -1) == tokens
-
-    return fn
-
-
 def score(cfg, params, rows: list) -> tuple[float, float]:
     """(answer accuracy, bits per answer) over rows, one row per call (rows may be long)."""
     hits = bits = n = 0.0
     for row in rows:
         b = batch_of([row])
-        logp, ok = jax.device_get(_scorer(cfg)(params, b["decoder_target_tokens"], b["decoder_input_tokens"]))
+        logp, ok = jax.device_get(common.target_logprobs(cfg)(params, b))
         mask = row[1][None]
         hits += float(ok[mask].sum())
         bits += float(-logp[mask].sum() / math.log(2))
@@ -360,11 +340,14 @@ RESULTS_OUT = [RESULTS]
 CONTEXT: dict = {}
 
 
+def context() -> dict:
+    """The run's command, hardware, seconds so far and load (before, now), as write_section records them."""
+    fixed = {k: v for k, v in CONTEXT.items() if k not in ("start", "load0")}
+    return dict(fixed, seconds=time.perf_counter() - CONTEXT["start"], load=[CONTEXT["load0"], common.load()])
+
+
 def write(out: str, section: Section) -> None:
-    context = dict(CONTEXT, seconds=time.perf_counter() - CONTEXT["start"], load=[CONTEXT["load0"], common.load()])
-    context.pop("start")
-    context.pop("load0")
-    common.write_section(out, section, context)
+    common.write_section(out, section, context())
 
 
 def main(argv=None) -> None:
@@ -397,14 +380,12 @@ def main(argv=None) -> None:
         s = DistanceSetup(length=args.length, eval_factors=tuple(int(f) for f in args.eval_factors.split(",")),
                           pairs=args.pairs, steps=args.steps, chunk=args.chunk, tokens_per_step=args.tokens_per_step,
                           val_rows=args.val_rows, features=args.features)
-        log(common.section_markdown(distance(s, args.out, tuple(args.mixers.split(","))), dict(
-            CONTEXT, seconds=time.perf_counter() - CONTEXT["start"], load=[CONTEXT["load0"], common.load()])))
+        log(common.section_markdown(distance(s, args.out, tuple(args.mixers.split(","))), context()))
     if "longest" in sections:
         sec = longest(args.model, args.first_row, args.max_row, args.memory_gib, args.step_limit_s, args.out,
                       tuple(args.mixers.split(",")), args.keep, args.note)
         write(args.out, sec)
-        log(common.section_markdown(sec, dict(CONTEXT, seconds=time.perf_counter() - CONTEXT["start"],
-                                              load=[CONTEXT["load0"], common.load()])))
+        log(common.section_markdown(sec, context()))
 
 
 if __name__ == "__main__":

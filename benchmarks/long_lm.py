@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import glob
 import gzip
 import hashlib
@@ -56,10 +55,8 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
@@ -192,12 +189,7 @@ def split(names: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
 def batch_of(rows: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Byte rows [length] -> the train step's features (common.TRAIN_KEYS): targets the bytes' ids,
     inputs shifted right with 0 first, every weight 1, one segment, positions 0..length-1."""
-    targets = np.stack(rows).astype(np.int32) + BYTE_OFFSET
-    b, t = targets.shape
-    inputs = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
-    return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
-            "decoder_loss_weights": np.ones((b, t), np.int32), "decoder_segment_ids": np.ones((b, t), np.int32),
-            "decoder_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    return common.lm_batch(np.stack(rows).astype(np.int32) + BYTE_OFFSET)
 
 
 class TrainRows:
@@ -248,25 +240,11 @@ def bucket_label(lo: int, hi: int) -> str:
 # ----------------------------------------------------------------- scoring
 
 
-@functools.cache
-def _bits(cfg: network.OlmaxConfig) -> Callable:
-    """Compiled (params, inputs, targets) -> bits of each target [b, t] under the model."""
-    module = network.Olmax(cfg)
-
-    @jax.jit
-    def fn(params, inputs, targets):
-        logits = module.apply({"params": params}, inputs, enable_dropout=False)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
-        return -logp / math.log(2)
-
-    return fn
-
-
 def position_bits(trainee: common.Trainee, val: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
     """Bits of every held-out byte [rows, length], one row per call (rows are long)."""
-    fn = _bits(trainee.cfg)
-    return np.concatenate([np.asarray(jax.device_get(fn(trainee.state["params"], b["decoder_input_tokens"],
-                                                        b["decoder_target_tokens"]))) for b in val.values()])
+    fn = common.target_logprobs(trainee.cfg)
+    logp = [np.asarray(jax.device_get(fn(trainee.state["params"], b)[0])) for b in val.values()]
+    return -np.concatenate(logp) / math.log(2)
 
 
 def bucket_bpb(bits: np.ndarray, edges: list[int]) -> list[float]:

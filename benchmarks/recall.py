@@ -31,7 +31,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
@@ -61,26 +60,9 @@ def config(mixer: str, length: int, s: Setup) -> network.OlmaxConfig:
                                conv_features=2 * s.features, recall_features=s.recall_features)
 
 
-@functools.lru_cache(maxsize=None)
-def _answer_logprobs(cfg: network.OlmaxConfig):
-    """Compiled (params, batch) -> log p(target) [b, t] under the model."""
-    module = network.Olmax(cfg)
-
-    @jax.jit
-    def fn(params, batch):
-        logits = module.apply({"params": params}, batch["decoder_input_tokens"],
-                              decoder_segment_ids=batch["decoder_segment_ids"],
-                              decoder_positions=batch["decoder_positions"], enable_dropout=False)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        tgt = batch["decoder_target_tokens"]
-        return jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0], jnp.argmax(logits, -1) == tgt
-
-    return fn
-
-
 def score(trainee: common.Trainee, val: list[dict], pairs: int) -> tuple[float, float]:
     """(accuracy, bits per token) over the answer positions of the validation rows."""
-    fn = _answer_logprobs(trainee.cfg)
+    fn = common.target_logprobs(trainee.cfg)
     bits = hits = count = 0.0
     for b in val:
         logp, correct = jax.device_get(fn(trainee.state["params"], b))
