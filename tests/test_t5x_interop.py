@@ -202,8 +202,11 @@ def test_t5x_greedy_and_one_beam_equal_olmax_greedy(run):
         # T5X stops at its max_decode_length (the example's length), olmax.infer at the
         # model's max_length: the shorter greedy continuation is a prefix of the longer.
         assert t and (o.startswith(t) or t.startswith(o)), (t, o)
-    # Real continuations, not stubs (a row may end early where the model puts EOS first).
-    assert np.mean([len(g["prediction"]) for g in t5x_greedy]) >= 8, t5x_greedy
+    # Real continuations, not stubs: a decode loop that stops after one token, or returns one
+    # constant, fails both. (Rows of a model trained 4 steps end wherever EOS comes first, so
+    # their mean length is not a property: it was 7.9 bytes on one machine, 9 on another.)
+    predictions = [g["prediction"] for g in t5x_greedy]
+    assert max(map(len, predictions)) >= 8 and len(set(predictions)) > 1, predictions
 
 
 def test_t5x_eval_metrics_match_predictions_and_scores(run, t5x_greedy, t5x_scores):
