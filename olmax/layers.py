@@ -41,15 +41,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import partitioning as nn_partitioning
 
-if TYPE_CHECKING:  # network.py defines the config and imports this module.
-    from olmax.network import OlmaxConfig
+from olmax.config import OlmaxConfig
 
 Array = jax.Array
 param_with_axes = nn_partitioning.param_with_axes

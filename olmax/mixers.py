@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -34,11 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from olmax.attention import causal_attention
+from olmax.config import OlmaxConfig
 from olmax.layers import (Array, Context, activation, cache_variable, fan_in_normal, last_positions,
                           pad_to, param_with_axes, shift_right, slide, write_position, zero_aux)
-
-if TYPE_CHECKING:  # network.py defines the config and imports this module.
-    from olmax.network import OlmaxConfig
 
 
 # ----------------------------------------------------------------------- axial mixer

@@ -127,3 +127,24 @@ def test_wheel_holds_what_the_tree_holds(tmp_path):
     assert gin_files and gin_files <= names, gin_files - names
     assert {"olmax/tasks/__init__.py", "olmax/tasks/train_spm.py", "olmax_tasks/__init__.py", "olmax/trainer.py"} <= names
     assert not [n for n in names if n.split("/")[0] in ("tasks", "gin", "tests", "benchmarks")]
+
+
+def test_no_import_circle():
+    """No module reaches itself through the modules it imports (TYPE_CHECKING and function-level
+    imports included): each layer of the package can be read, tested and reused below the next."""
+    modules = _modules()
+    graph = {name: {m for m in _imports(name, tree) if m in modules and m != name} for name, tree in modules.items()}
+    # A package's __init__ that re-exports its submodules is the package itself, not a circle.
+    graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
+    circles = []
+    for start in graph:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    circles.append(" -> ".join(path + (start,)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + (nxt,)))
+    assert not circles, circles
