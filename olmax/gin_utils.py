@@ -6,11 +6,14 @@ Flags (as in T5X): --gin_file (repeatable, later wins), --gin_bindings (repeatab
 Where T5X is awkward we are lenient in one way only: a --gin.KEY=VALUE whose VALUE
 is not a Python literal, a gin reference (@x) or a macro (%X) is taken as a string,
 so `--gin.MODEL_DIR=runs/q` works as well as `--gin.MODEL_DIR="'runs/q'"`.
-Gin errors (typos, unknown configurables) are re-raised naming the file and line.
+Gin errors (typos, unknown configurables) are re-raised naming the file and line, and
+a macro that is set but read by no binding (`--gin.TRAIN_STEP=10`) is an error naming
+the nearest macro that is read, where Gin would silently ignore it.
 """
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import importlib
 import logging
@@ -103,6 +106,58 @@ def parse(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: S
         gin.parse_config(gin_bindings)
     except Exception as e:  # noqa: BLE001
         raise GinConfigError(describe_gin_error(e, [], gin_bindings)) from e
+    check_macros_are_read(gin_files, gin_bindings)
+
+
+_MACRO_USE = re.compile(r"%([A-Za-z_][\w.]*)")
+_MACRO_DEFINITION = re.compile(r"^([A-Za-z_]\w*)\s*=", re.M)
+
+
+def _package_macros() -> tuple[set[str], set[str]]:
+    """(macros Olmax's own gin files read, macros they set). Every binary's run file counts, so
+    a user file that sets EVAL_OUTPUT_DIR for olmax.eval also works with olmax.train."""
+    read, defined = set(), set()
+    for path in pathlib.Path(package_gin_dir()).rglob("*.gin"):
+        text = path.read_text(encoding="utf-8")
+        read.update(_MACRO_USE.findall(text))
+        defined.update(_MACRO_DEFINITION.findall(text))
+    return read, defined
+
+
+def check_macros_are_read(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
+    """Raises GinConfigError for a macro set on the command line or in a user's gin file that no
+    binding reads (in the parsed config or in any of Olmax's gin files): Gin keeps it and uses
+    it nowhere, so `--gin.TRAIN_STEP=10` would train for the file's TRAIN_STEPS and exit 0."""
+    config = dict(gin.config._CONFIG)  # gin has no public listing of its bindings
+    bound = {scope for scope, selector in config if selector == "gin.macro"}
+    read = {"/".join(ref.scopes) for ref in gin.config.iterate_references(config)
+            if ref.configurable.wrapped is gin.config.macro}
+    package_read, package_defined = _package_macros()
+    unread = sorted(bound - read - package_read - package_defined)
+    if not unread:
+        return
+    known = sorted(read | package_read)
+    on_command_line = set(_MACRO_DEFINITION.findall("\n".join(b.strip() for b in gin_bindings)))
+    problems = []
+    for name in unread:
+        where = f"--gin.{name}" if name in on_command_line else _defining_file(name, gin_files) or "a gin file"
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.6) or difflib.get_close_matches(
+            name.upper(), known, n=1, cutoff=0.6)
+        hint = f"did you mean {nearest[0]}?" if nearest else "no binding uses it: remove it or fix its name"
+        problems.append(f"macro {name} (set in {where}) is read by no binding; {hint}")
+    raise GinConfigError("Gin configuration error: " + "; ".join(problems))
+
+
+def _defining_file(name: str, gin_files: Sequence[str]) -> str | None:
+    """The first of the user's gin files that sets macro `name` at the start of a line."""
+    for f in gin_files:
+        for candidate in [f] + [os.path.join(base, f) for base in default_search_paths()]:
+            if os.path.isfile(candidate):
+                text = open(candidate, encoding="utf-8", errors="replace").read()
+                if name in _MACRO_DEFINITION.findall(text):
+                    return f
+                break
+    return None
 
 
 class GinConfigError(ValueError):
@@ -209,6 +264,11 @@ def _report_errors(main, name: str, argv):
     status 1; anything else keeps its traceback, as does everything with OLMAX_TRACEBACK=1."""
     try:
         return main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C: what was stopped, and what is kept, in one line
+        if os.environ.get("OLMAX_TRACEBACK"):
+            raise
+        print(f"{name}: {user_message(e) if str(e) else 'stopped by Ctrl-C'}", file=sys.stderr, flush=True)
+        sys.exit(130)
     except (TypeError, RuntimeError, *USER_ERRORS) as e:
         message = _unset_binding(e) if isinstance(e, (TypeError, RuntimeError)) else None
         if isinstance(e, USER_ERRORS) and raised_by_olmax(e):

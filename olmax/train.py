@@ -13,6 +13,7 @@ evaluate on the validation split; save every checkpoint `period` and at the end.
 SIGTERM (preemption) or a first Ctrl-C finishes the current step, saves, and exits 0;
 a second Ctrl-C stops at once. A save that fails (a full disk) stops the run with one
 message. Every start keeps its Gin config as MODEL_DIR/config_start_<step>.gin.
+One trainer at a time writes a MODEL_DIR (olmax.lease); `--force` takes it over.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ import jax
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
-from olmax import checkpoints, gin_utils, models, multihost, optim, partitioning, perf, trainer, utils, validation
+from olmax import (checkpoints, gin_utils, lease, models, multihost, optim, partitioning, perf, trainer, utils,
+                   validation)
 
 if __name__ == "__main__":
     gin_utils.run_importable_module("olmax.train")
@@ -43,10 +44,8 @@ class _Log:
 
     def __init__(self, model_dir: str, setup: trainer.TrainSetup, length: int, total_steps: int, start: int,
                  peak_flops: float | None):
-        is_main = multihost.is_main_process()
-        self.writer = metric_writers.create_default_writer(model_dir, just_logging=not is_main, collection="train")
-        self.eval_writer = metric_writers.create_default_writer(model_dir, just_logging=not is_main,
-                                                                collection="training_eval")
+        self.writer = trainer.metric_writer(model_dir, "train")
+        self.eval_writer = trainer.metric_writer(model_dir, "training_eval")
         self.tx, self.total_steps, self.start = setup.tx, total_steps, start
         self.flops_per_token = perf.train_flops_per_token(setup.model.config, length)
         peak, source = perf.peak_flops_per_device(peak_flops)
@@ -136,6 +135,18 @@ def _record_config(model_dir: str, start: int) -> None:
             f.write(text)
 
 
+def _check_checkpoint_path(restore_cfg: utils.RestoreCheckpointConfig | None, model_dir: str) -> None:
+    """A CHECKPOINT_PATH that does not exist is an error before MODEL_DIR is created (it would
+    be left behind, empty), unless MODEL_DIR already holds checkpoints, which come first."""
+    path = restore_cfg.path if restore_cfg is not None else None
+    if not path or "://" in path or os.path.exists(path):
+        return
+    if os.path.isdir(model_dir) and trainer.step_dirs(model_dir):
+        return
+    raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist; point it at a MODEL_DIR or a "
+                            "MODEL_DIR/<step> with a checkpoint, or leave it unset to start from scratch.")
+
+
 def _next_batch(data, cfg: utils.DatasetConfig, step: int, start: int) -> dict:
     try:
         return next(data)
@@ -167,6 +178,7 @@ def train(
     profile_steps: tuple[int, int] | None = None,
     max_consecutive_nonfinite: int = 10,
     peak_flops: float | None = None,
+    force: bool = False,
 ) -> tuple[int, dict]:
     """Trains `model` for `total_steps` and returns (last step, last logged metrics).
 
@@ -174,7 +186,8 @@ def train(
     `microbatches` (gradient accumulation), `profile_steps` ((first step, count):
     a profiler trace under MODEL_DIR/profile, open it in TensorBoard's profile tab),
     `max_consecutive_nonfinite` (stop after this many skipped steps in a row),
-    `peak_flops` (per device, for MFU; default: datasheet or a measured matmul).
+    `peak_flops` (per device, for MFU; default: datasheet or a measured matmul),
+    `force` (take MODEL_DIR's lease over from another trainer: olmax.lease; `--force`).
     `infer_eval_dataset_cfg` is accepted for T5X compatibility: run olmax.eval for
     inference metrics.
     """
@@ -193,67 +206,87 @@ def train(
                                  shard=partitioner.data_shard(train_dataset_cfg.batch_size))
     if train_eval_dataset_cfg is not None and eval_period:
         trainer.check_split(train_eval_dataset_cfg, partitioner)  # one full batch, before step 1
-    validation.prepare_model_dir(model_dir)
+    _check_checkpoint_path(checkpoint_cfg.restore if checkpoint_cfg else None, model_dir)
     setup = trainer.TrainSetup(model, partitioner, (train_dataset_cfg.batch_size, length), optimizer, random_seed)
     logging.info("Model: %d parameters; mesh %s", models.param_count(setup.param_shapes), dict(partitioner.mesh.shape))
-    ckpt = setup.checkpointer(model_dir, checkpoint_cfg.save if checkpoint_cfg else None)
-    state = trainer.restore_or_init(setup, ckpt, checkpoint_cfg.restore if checkpoint_cfg else None)
-    start = int(jax.device_get(state["step"]))
-    if start >= total_steps:
-        logging.warning("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to train. "
-                        "Raise TRAIN_STEPS to continue this run.", model_dir, start, total_steps)
-    if multihost.is_main_process():
-        _record_config(model_dir, start)
-    steps = trainer.make_steps(setup, microbatches, random_seed)
-    log = _Log(model_dir, setup, length, total_steps, start, peak_flops)
-    data = utils.batches(train_ds.skip(start))  # a resumed run continues where its batches left off
-    nonfinite = _NonFinite(max_consecutive_nonfinite)
-    step = start
-    try:
-        with trainer.Preemption() as preemption:
-            for step in range(start + 1, total_steps + 1):
-                if profile_steps and step == profile_steps[0]:
-                    jax.profiler.start_trace(os.path.join(model_dir, "profile"))
-                batch = partitioner.global_batch(_next_batch(data, train_dataset_cfg, step, start))
-                with partitioner.activate():
-                    state, metrics = steps.train(state, batch)
-                log.pending.append(metrics)
-                if profile_steps and step == profile_steps[0] + profile_steps[1] - 1:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
-                stop = preemption.check(step)  # read once: a signal from here on counts for the next step
-                nonfinite.check(step, metrics["skipped"])
-                ckpt.check()  # a failed background save stops the run now, not at the end
-                last = step == total_steps or stop
-                if step % stats_period == 0 or last:
-                    log.write(step)
-                save = ckpt.should_save(step) or last
-                evaluate = train_eval_dataset_cfg is not None and eval_period and (
-                    step % eval_period == 0 or step == total_steps)
-                if save or evaluate:
-                    jax.block_until_ready(state)  # the step's own time stays in the training time
-                    t0 = time.time()
-                    if save:  # before eval: a failing eval never costs this checkpoint
-                        ckpt.save(step, state)
-                    if evaluate:
-                        log.write_eval(step, trainer.evaluate(state["params"], train_eval_dataset_cfg, partitioner,
-                                                              eval_steps, steps.eval))
-                    log.excluded += time.time() - t0
-                if stop:
-                    logging.warning("Saved step %d after %s; rerun the same command to resume.", step,
-                                    preemption.reason)
-                    break
-        ckpt.close()
-    except checkpoints.CheckpointSaveError as e:
-        ckpt.abandon()
-        raise SystemExit(f"olmax.train: {e}") from None
-    except BaseException:
-        ckpt.abandon()  # the error in flight is the one to report
-        raise
-    finally:
-        log.flush()
-    return step, log.last
+    trainer.check_memory(setup)  # abstract shapes so far: a model that cannot fit is refused before it is built
+    validation.prepare_model_dir(model_dir)
+    with lease.take(model_dir, force) as run_lease:
+        ckpt = setup.checkpointer(model_dir, checkpoint_cfg.save if checkpoint_cfg else None)
+        state = trainer.restore_or_init(setup, ckpt, checkpoint_cfg.restore if checkpoint_cfg else None)
+        start = int(jax.device_get(state["step"]))
+        if start >= total_steps:
+            # Nothing runs, so nothing is recorded: a config_start_<step>.gin of this start would
+            # make the next resume report a schedule change that never trained a step.
+            ckpt.close()
+            logging.warning("MODEL_DIR %s already holds step %d >= TRAIN_STEPS=%d: nothing to train. "
+                            "Raise TRAIN_STEPS to continue this run.", model_dir, start, total_steps)
+            return start, {}
+        if multihost.is_main_process():
+            _record_config(model_dir, start)
+        steps = trainer.make_steps(setup, microbatches, random_seed)
+        log = _Log(model_dir, setup, length, total_steps, start, peak_flops)
+        data = utils.batches(train_ds.skip(start))  # a resumed run continues where its batches left off
+        nonfinite = _NonFinite(max_consecutive_nonfinite)
+        step = start
+        try:
+            with trainer.Preemption() as preemption:
+                for step in range(start + 1, total_steps + 1):
+                    run_lease.check()  # taken over (--force): stop before this run's saves overwrite the other's
+                    if profile_steps and step == profile_steps[0]:
+                        jax.profiler.start_trace(os.path.join(model_dir, "profile"))
+                    batch = partitioner.global_batch(_next_batch(data, train_dataset_cfg, step, start))
+                    with partitioner.activate():
+                        state, metrics = steps.train(state, batch)
+                    log.pending.append(metrics)
+                    if profile_steps and step == profile_steps[0] + profile_steps[1] - 1:
+                        jax.block_until_ready(state)
+                        jax.profiler.stop_trace()
+                    stop = preemption.check(step)  # read once: a signal from here on counts for the next step
+                    nonfinite.check(step, metrics["skipped"])
+                    ckpt.check()  # a failed background save stops the run now, not at the end
+                    last = step == total_steps or stop
+                    if step % stats_period == 0 or last:
+                        log.write(step)
+                    save = ckpt.should_save(step) or last
+                    evaluate = train_eval_dataset_cfg is not None and eval_period and (
+                        step % eval_period == 0 or step == total_steps)
+                    if save or evaluate:
+                        jax.block_until_ready(state)  # the step's own time stays in the training time
+                        t0 = time.time()
+                        if save:  # before eval: a failing eval never costs this checkpoint
+                            run_lease.check()
+                            ckpt.save(step, state)
+                        if evaluate:
+                            log.write_eval(step, trainer.evaluate(state["params"], train_eval_dataset_cfg,
+                                                                  partitioner, eval_steps, steps.eval))
+                        log.excluded += time.time() - t0
+                    if stop:
+                        logging.warning("Saved step %d after %s; rerun the same command to resume.", step,
+                                        preemption.reason)
+                        break
+            ckpt.close()
+        except checkpoints.CheckpointSaveError as e:
+            ckpt.abandon()
+            raise SystemExit(f"olmax.train: {e}") from None
+        except KeyboardInterrupt:  # the second Ctrl-C
+            ckpt.abandon()  # saves already under way complete: they are checkpoints the next run may use
+            saved = ckpt.all_steps()
+            last_saved = f"the last checkpoint is step {saved[-1]}" if saved else "no checkpoint was saved"
+            raise KeyboardInterrupt(f"stopped at step {step} without saving (second Ctrl-C); {last_saved}. Rerun "
+                                    "the same command to resume from it.") from None
+        except BaseException:
+            ckpt.abandon()  # the error in flight is the one to report
+            raise
+        finally:
+            log.flush()
+        return step, log.last
 
 
 def console_main():
-    gin_utils.run_binary(train, run_file="runs/pretrain.gin")
+    from absl import flags
+
+    if "force" not in flags.FLAGS:
+        flags.DEFINE_bool("force", False, "Take MODEL_DIR over from the trainer its lease names (olmax.lease), "
+                          "e.g. one that hangs on another host; that trainer stops at its next step.")
+    gin_utils.run_binary(lambda: train(force=True) if flags.FLAGS.force else train(), run_file="runs/pretrain.gin")

@@ -15,6 +15,8 @@ each other (T5X splits its trainer.py / utils.py from its binaries the same way)
   checkpoint_steps, load_params   which checkpoints eval/infer read, and their params;
   check_batch         batch size against the mesh and the microbatches;
   check_split         a split gives at least one full batch (before step 1);
+  check_memory        parameters and optimizer state fit in a device (before they exist);
+  metric_writer       TensorBoard events (the console gets Olmax's own short lines);
   Preemption          SIGTERM or Ctrl-C: finish the step, save, exit;
   run_meta, fmt_metrics, fmt_seconds.
 """
@@ -31,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+
+from clu import metric_writers
 
 from olmax import axes, checkpoints, models, multihost, optim, partitioning, t5x_checkpoints, utils
 
@@ -95,6 +99,60 @@ class TrainSetup:
 
     def checkpointer(self, directory: str, save_cfg: utils.SaveCheckpointConfig | None) -> checkpoints.Checkpointer:
         return checkpoints.Checkpointer(directory, save_cfg, run_meta(self.model, self.param_shapes))
+
+
+def state_bytes_per_device(setup: TrainSetup) -> int:
+    """Bytes of parameters and optimizer state one device holds: the largest shard of each
+    leaf, from abstract shapes (the planner's arithmetic; nothing is allocated)."""
+    leaves = jax.tree.leaves(setup.abstract_state())
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * x.dtype.itemsize for x in leaves)
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """A device's memory: what its allocator may use on GPU and TPU; on CPU, the host's RAM
+    shared by its simulated devices. None when neither is known."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001  backends without memory statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+        return ram // max(len(jax.local_devices(backend="cpu")), 1)
+    return None
+
+
+def check_memory(setup: TrainSetup) -> None:
+    """Raises ValueError, pointing to olmax.plan, when the parameters (and optimizer state) alone
+    exceed a device's memory: caught here, before they are built, rather than as a compile or
+    allocation that runs for many minutes and then fails."""
+    device = setup.partitioner.mesh.devices.flat[0]
+    available = device_memory_bytes(device)
+    needed = state_bytes_per_device(setup)
+    if available is None or needed <= available:
+        return
+    gib = 1024**3
+    what = "parameters and optimizer state" if setup.tx is not None else "parameters"
+    raise ValueError(
+        f"The model cannot fit: its {what} alone need {needed / gib:,.1f} GiB per device "
+        f"({models.param_count(setup.param_shapes):,} parameters, mesh {dict(setup.partitioner.mesh.shape)}) but a "
+        f"{device.platform} device has {available / gib:,.1f} GiB. Choose a smaller model (network.OlmaxConfig "
+        "features, depth) or more devices and model parallelism (partitioning.PjitPartitioner.num_partitions); "
+        "`python -m olmax.plan --gin_file=... --mesh data=D,model=M` shows what fits."
+    )
+
+
+def metric_writer(logdir: str, collection: str):
+    """TensorBoard events under logdir/collection, written by process 0 only. No console
+    copy: CLU's default writer logs every metric on one long line, after the binaries' own
+    short line of the same step."""
+    if not multihost.is_main_process():
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(os.path.join(logdir, collection))])
 
 
 def _tree_where(ok, new, old):
@@ -377,7 +435,7 @@ class Preemption:
     def _interrupt(self, signum, frame):
         if self._interrupted:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt("second Ctrl-C: stopped without saving")
+            raise KeyboardInterrupt("second Ctrl-C")
         self._interrupted = True
         logging.warning("Ctrl-C: finishing this step, saving a checkpoint and exiting; press Ctrl-C again to stop at "
                         "once without saving.")

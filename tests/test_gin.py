@@ -92,3 +92,28 @@ def test_t5x_file_references_exist_and_axes_drive_agc():
     clipped, _ = tx.update(grads, tx.init(params), params)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(clipped))
     assert isinstance(tx.init(params), optax.EmptyState)
+
+
+def test_a_macro_nothing_reads_is_an_error_naming_the_nearest(tmp_path):
+    """Issue 23: `--gin.TRAIN_STEP=10` (no S) bound a macro nobody reads and trained for 400 steps."""
+    with pytest.raises(gin_utils.GinConfigError) as e:
+        gin_utils.parse(["gin/quickstart.gin"], ["TRAIN_STEP = 10"], [REPO], run_file="runs/pretrain.gin")
+    assert str(e.value) == ("Gin configuration error: macro TRAIN_STEP (set in --gin.TRAIN_STEP) is read by no "
+                            "binding; did you mean TRAIN_STEPS?")
+    mine = tmp_path / "mine.gin"
+    mine.write_text("include 'gin/quickstart.gin'\nbatch_size = 8\nMY_UNUSED_SETTING = 3\n")
+    gin.clear_config()
+    with pytest.raises(gin_utils.GinConfigError) as e:
+        gin_utils.parse([str(mine)], [], [REPO], run_file="runs/pretrain.gin")
+    assert str(e.value) == (f"Gin configuration error: macro MY_UNUSED_SETTING (set in {mine}) is read by no binding; "
+                            "no binding uses it: remove it or fix its name; macro batch_size (set in "
+                            f"{mine}) is read by no binding; did you mean BATCH_SIZE?")
+
+
+def test_macros_that_are_read_pass_even_when_another_binary_reads_them(tmp_path):
+    mine = tmp_path / "mine.gin"
+    # EVAL_OUTPUT_DIR is read by olmax.eval's run file only; MY_LR by a binding of this file.
+    mine.write_text("include 'gin/quickstart.gin'\nEVAL_OUTPUT_DIR = '/tmp/e'\nMY_LR = 1e-3\n"
+                    "optim.create_optimizer.learning_rate = %MY_LR\n")
+    gin_utils.parse([str(mine)], ["BATCH_SIZE = 4"], [REPO], run_file="runs/pretrain.gin")
+    assert gin.query_parameter("optim.create_optimizer.learning_rate") is not None

@@ -336,3 +336,31 @@ def test_a_full_disk_stops_the_run_at_once_with_one_message(small_disk):
     (message,) = [line for line in out.splitlines() if line.startswith("olmax.train: ")]
     assert "Saving a checkpoint" in message and "the disk is full" in message and "rerun the same command" in message
     assert not [d for d in os.listdir(model_dir) if d.isdigit()]  # the half-written save is never a checkpoint
+
+
+@pytest.mark.slow
+def test_a_second_trainer_in_one_model_dir_is_refused_and_kill_9_does_not_block_the_resume(tmp_path):
+    """Issue 23: two trainers started into one MODEL_DIR both ran to the end, the second's
+    checkpoints replacing the first's. Now the second stops with one line naming the first;
+    after the first is killed with SIGKILL the next run takes its lease over and resumes."""
+    model_dir = str(tmp_path / "run")
+    first = start(model_dir, 100000, "--gin.utils.SaveCheckpointConfig.period=20",
+                  "--gin.utils.SaveCheckpointConfig.keep=2", "--gin.train.train.stats_period=20")
+    try:
+        wait_for_line(first, "step 20/100000")
+        code, out = finish(start(model_dir, 40, "--gin.RANDOM_SEED=1"))
+        assert code == 1 and "Traceback" not in out, out[-3000:]
+        assert out.strip().splitlines()[-1].startswith(
+            f"olmax.train: error: MODEL_DIR {model_dir} is in use by another trainer (")
+        assert f"pid {first.pid}, started " in out and "take over with --force" in out
+        assert first.poll() is None  # the first trainer goes on
+    finally:
+        first.kill()
+        first.wait()
+    saved = max(int(d) for d in os.listdir(model_dir) if d.isdigit())
+    code, out = finish(start(model_dir, saved + 2))
+    assert code == 0, out[-3000:]
+    assert f"(its process {first.pid} is gone)" in out and f"Restored step {saved}" in out
+    # One console line per logged step: CLU's long copy of every metric goes to TensorBoard only.
+    assert out.count(f"step {saved + 2}/{saved + 2}") == 1 and "logging_writer" not in out, out[-3000:]
+    assert not os.path.exists(os.path.join(model_dir, "lease.json"))  # released at the end

@@ -3,6 +3,7 @@ naming the setting or the file and the fix, never a traceback, and nothing is si
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -327,3 +328,24 @@ def test_report_errors_prints_one_line_only_for_olmax_messages(capsys, monkeypat
     monkeypatch.setenv("OLMAX_TRACEBACK", "1")
     with pytest.raises(ValueError, match="four"):
         gin_utils._report_errors(bad_value, "olmax.train", [])
+
+
+# ------------------------------------------------------------------ issue 23: no ignored flags, no silent hang
+
+@pytest.mark.slow
+def test_a_mistyped_macro_stops_the_run(tmp_path):
+    proc = run("olmax.train", *TRAIN, f"--gin.MODEL_DIR={tmp_path / 'run'}", "--gin.TRAIN_STEP=10")
+    assert_one_line_error(proc, "olmax.train", "Gin configuration error: macro TRAIN_STEP (set in --gin.TRAIN_STEP) "
+                                               "is read by no binding; did you mean TRAIN_STEPS?")
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_fit_is_refused_before_it_is_built(tmp_path):
+    proc = run("olmax.train", *TRAIN, f"--gin.MODEL_DIR={tmp_path / 'run'}",
+               "--gin.network.OlmaxConfig.features=200000", "--gin.network.OlmaxConfig.depth=64", timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(r"olmax\.train: error: The model cannot fit: its parameters and optimizer state alone need "
+                        r"[\d,.]+ GiB per device \(10,27\d,\d{3},\d{3},\d{3} parameters, mesh .*\) but a cpu device "
+                        r"has [\d,.]+ GiB\. .*`python -m olmax\.plan .*` shows what fits\.", last_line(proc))
+    assert not os.path.exists(tmp_path / "run")
