@@ -287,7 +287,11 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     wait_for_line(proc, "press Ctrl-C again")
     proc.send_signal(signal.SIGINT)
     code, out = finish(proc)
-    assert code != 0 and "Saved step" not in out, out[-3000:]
+    assert code == 130 and "Saved step" not in out, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]  # was 54 lines of it
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"olmax\.train: stopped at step \d+ without saving \(second Ctrl-C\); (the last checkpoint is "
+                        r"step \d+|no checkpoint was saved)\. Rerun the same command to resume from it\.", last), last
 
 
 @pytest.mark.slow
@@ -364,3 +368,26 @@ def test_a_second_trainer_in_one_model_dir_is_refused_and_kill_9_does_not_block_
     # One console line per logged step: CLU's long copy of every metric goes to TensorBoard only.
     assert out.count(f"step {saved + 2}/{saved + 2}") == 1 and "logging_writer" not in out, out[-3000:]
     assert not os.path.exists(os.path.join(model_dir, "lease.json"))  # released at the end
+
+
+@pytest.mark.slow
+def test_a_resume_past_train_steps_records_nothing(uninterrupted, tmp_path):
+    """Issue 23: 'nothing to train' used to write config_start_<step>.gin and log a schedule change,
+    so the next resume reported a change that never trained a step."""
+    model_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, model_dir)
+    before = sorted(os.listdir(model_dir))
+    code, out = finish(start(str(model_dir), 4))
+    assert code == 0 and "already holds step 12 >= TRAIN_STEPS=4: nothing to train" in out, out[-3000:]
+    assert "another schedule" not in out
+    assert sorted(os.listdir(model_dir)) == before  # no config_start_12.gin, no new events, no lease left
+
+
+@pytest.mark.slow
+def test_a_missing_checkpoint_path_leaves_no_model_dir(tmp_path):
+    code, out = finish(start(str(tmp_path / "run"), 4, f"--gin.CHECKPOINT_PATH={tmp_path / 'nope'}"))
+    assert code == 1 and "Traceback" not in out
+    assert out.strip().splitlines()[-1] == (
+        f"olmax.train: error: CHECKPOINT_PATH='{tmp_path / 'nope'}' does not exist; point it at a MODEL_DIR or a "
+        "MODEL_DIR/<step> with a checkpoint, or leave it unset to start from scratch.")
+    assert not os.path.exists(tmp_path / "run")
