@@ -23,8 +23,6 @@ import jax
 import numpy as np
 import seqio
 from absl import logging
-from clu import metric_writers
-
 from olmax import checkpoints, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
 if __name__ == "__main__":
@@ -89,10 +87,18 @@ def evaluate(
     trainer.check_batch(dataset_cfg.batch_size, partitioner)
     utils.check_lengths(dataset_cfg, model.config.max_length)
     validation.integer(eval_steps, "eval.evaluate.eval_steps", minimum=1, example=20, allow_none=True)
-    directory, groups = trainer.checkpoint_candidates(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir),
-                                                      restore_checkpoint_cfg)
-    output_dir = output_dir or os.path.join(directory, "eval")
+    path = trainer.checkpoint_path(restore_checkpoint_cfg, model_dir)
+    setting = trainer.checkpoint_setting(restore_checkpoint_cfg)
+    directory, groups = trainer.checkpoint_candidates(path, restore_checkpoint_cfg, setting)
+    named = trainer.names_one_step(path, restore_checkpoint_cfg)
+    if output_dir:
+        validation.check_output_dir(output_dir, "EVAL_OUTPUT_DIR", "set --gin.EVAL_OUTPUT_DIR to a directory")
+    else:
+        output_dir = validation.check_output_dir(
+            os.path.join(directory, "eval"), "EVAL_OUTPUT_DIR (unset: <checkpoint directory>/eval)",
+            "set --gin.EVAL_OUTPUT_DIR to a directory you can write to")
     setup = trainer.TrainSetup(model, partitioner, (dataset_cfg.batch_size, dataset_cfg.task_feature_lengths["targets"]))
+    trainer.check_memory(setup)
     compiled = trainer.make_steps(setup)
     is_main = multihost.is_main_process()
     every = restore_checkpoint_cfg.mode == "all"
@@ -100,15 +106,16 @@ def evaluate(
     results = []
     for candidates in groups:
         try:
-            step, params = trainer.load_params(setup, directory, candidates,
-                                               "skipping it" if every else "no earlier checkpoint is left")
+            step, params = trainer.load_params(
+                setup, directory, candidates, "skipping it" if every else
+                f"no other step is tried: {setting} asks for this one" if named else "no earlier checkpoint is left")
         except checkpoints.NoReadableCheckpointError:
             if every:
                 continue
             raise
         if writer is None:
             os.makedirs(output_dir, exist_ok=True)
-            writer = metric_writers.create_default_writer(output_dir, just_logging=not is_main, collection="eval")
+            writer = trainer.metric_writer(output_dir, "eval")
         metrics = trainer.evaluate(params, dataset_cfg, partitioner, eval_steps, compiled.eval)
         if run_seqio_evaluator:
             metrics.update(_seqio_evaluate(model, params, dataset_cfg, step, output_dir, compiled.score))

@@ -43,6 +43,11 @@ def _decode(vocabulary, tokens) -> str:
 
 
 def _encode_prompt(vocabulary, text: str, max_length: int) -> np.ndarray:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise ValueError(f"--prompt is not UTF-8 text (a byte that is not UTF-8 at character {e.start}); "
+                         "give the prompt in UTF-8, e.g. convert it with iconv -t utf-8.") from None
     ids = list(vocabulary.encode(text))
     if not ids:
         raise ValueError("The prompt encodes to no tokens; give some text.")
@@ -83,16 +88,29 @@ def infer(
     partitioner = partitioner or partitioning.PjitPartitioner()
     single = dataclasses.replace(restore_checkpoint_cfg, mode="latest" if restore_checkpoint_cfg.mode == "all"
                                  else restore_checkpoint_cfg.mode)  # infer reads one checkpoint
-    directory, (candidates,) = trainer.checkpoint_candidates(trainer.checkpoint_path(restore_checkpoint_cfg, model_dir),
-                                                             single)
+    # The prompt before the checkpoint: a prompt that cannot be encoded costs no restore.
+    tokens = _encode_prompt(model.vocabulary, prompt, model.config.max_length) if prompt is not None else None
+    path = trainer.checkpoint_path(restore_checkpoint_cfg, model_dir)
+    setting = trainer.checkpoint_setting(restore_checkpoint_cfg)
+    directory, (candidates,) = trainer.checkpoint_candidates(path, single, setting)
+    if prompt is None:
+        if output_dir:
+            validation.check_output_dir(output_dir, "INFER_OUTPUT_DIR", "set --gin.INFER_OUTPUT_DIR to a directory")
+        else:
+            output_dir = validation.check_output_dir(
+                os.path.join(directory, "infer"), "INFER_OUTPUT_DIR (unset: <checkpoint directory>/infer)",
+                "set --gin.INFER_OUTPUT_DIR to a directory you can write to")
     setup = trainer.TrainSetup(model, partitioner, (1, model.config.max_length))
-    step, params = trainer.load_params(setup, directory, candidates)
+    trainer.check_memory(setup)
+    named = trainer.names_one_step(path, single)
+    step, params = trainer.load_params(setup, directory, candidates,
+                                       f"no other step is tried: {setting} asks for this one" if named
+                                       else "no earlier checkpoint is left")
     vocab = model.vocabulary
     rng = jax.random.PRNGKey(random_seed)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, eos_id=1)
 
     if prompt is not None:
-        tokens = _encode_prompt(vocab, prompt, model.config.max_length)
         batch = np.repeat(tokens[None], num_samples, axis=0)
         new = min(max_decode_length, model.config.max_length - len(tokens) + 1)
         out = decoding.generate(model, params, batch, np.full(num_samples, len(tokens)), rng, new, **sample_kw)
@@ -102,7 +120,6 @@ def infer(
                 print(prompt + t, flush=True)
         return texts
 
-    output_dir = output_dir or os.path.join(directory, "infer")
     os.makedirs(output_dir, exist_ok=True)
     out_path = os.path.join(output_dir, f"{dataset_cfg.mixture_or_task_name}-{mode}-{step}.jsonl")
     ds = utils.get_task(dataset_cfg).get_dataset(

@@ -343,9 +343,25 @@ def checkpoint_dir(directory: str, step: int) -> str:
     return t5x_dir if not os.path.isdir(olmax_dir) and os.path.isdir(t5x_dir) else olmax_dir
 
 
-def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[int]]:
+def checkpoint_setting(cfg: utils.RestoreCheckpointConfig) -> str:
+    """The setting eval and infer read checkpoints from, as messages should name it."""
+    return "CHECKPOINT_PATH" if cfg.path else "MODEL_DIR"
+
+
+def names_one_step(path: str, cfg: utils.RestoreCheckpointConfig) -> bool:
+    """True when the user asked for one checkpoint by name (CHECKPOINT_PATH=<dir>/<step> or mode
+    'specific'): that one is read or the binary fails; no other step stands in for it."""
+    path = os.path.normpath(os.fspath(path))
+    base = os.path.basename(path)
+    return (cfg.mode == "specific" or (base.isdigit() and os.path.isdir(os.path.join(path, "state")))
+            or t5x_checkpoints.step_of(path) is not None)
+
+
+def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig,
+                     setting: str = "CHECKPOINT_PATH") -> tuple[str, list[int]]:
     """(directory of checkpoints, the steps to read) for CHECKPOINT_PATH and `cfg.mode`; Olmax's
-    `<model_dir>/<step>` and T5X's `<model_dir>/checkpoint_<step>` layouts both work."""
+    `<model_dir>/<step>` and T5X's `<model_dir>/checkpoint_<step>` layouts both work. `setting`
+    names where `path` came from in the messages."""
     path = os.path.normpath(os.fspath(path))
     base = os.path.basename(path)
     if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
@@ -353,10 +369,12 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
     if t5x_checkpoints.step_of(path) is not None:
         return os.path.dirname(path), [t5x_checkpoints.step_of(path)]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist; point it at a MODEL_DIR or a MODEL_DIR/<step>.")
+        fix = ("point it at a MODEL_DIR or a MODEL_DIR/<step>" if setting == "CHECKPOINT_PATH"
+               else "point it at a trained run's directory, or set CHECKPOINT_PATH")
+        raise FileNotFoundError(f"{setting}={path!r} does not exist; {fix}.")
     steps = step_dirs(path)
     if not steps:
-        raise FileNotFoundError(f"No checkpoints (numbered step directories) in CHECKPOINT_PATH={path!r}.")
+        raise FileNotFoundError(f"No checkpoints (numbered step directories) in {setting}={path!r}.")
     if cfg.mode == "all":
         return path, steps
     if cfg.mode == "specific":
@@ -366,11 +384,13 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str
     return path, [steps[-1]]
 
 
-def checkpoint_candidates(path: str, cfg: utils.RestoreCheckpointConfig) -> tuple[str, list[list[int]]]:
+def checkpoint_candidates(path: str, cfg: utils.RestoreCheckpointConfig,
+                          setting: str = "CHECKPOINT_PATH") -> tuple[str, list[list[int]]]:
     """(directory, one list per checkpoint to use: its step, then the earlier steps to fall
-    back on, newest first, should it be unreadable). Mode 'all' uses each one on its own."""
-    directory, steps = checkpoint_steps(path, cfg)
-    if cfg.mode == "all":
+    back on, newest first, should it be unreadable). Mode 'all' uses each one on its own, and
+    a step asked for by name (`names_one_step`) has nothing to fall back on."""
+    directory, steps = checkpoint_steps(path, cfg, setting)
+    if cfg.mode == "all" or names_one_step(path, cfg):
         return directory, [[s] for s in steps]
     return directory, [[s for s in reversed(step_dirs(directory)) if s <= steps[0]]]
 

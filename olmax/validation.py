@@ -97,6 +97,10 @@ def feature_lengths(value: Any, name: str = "utils.DatasetConfig.task_feature_le
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"{label} = {value!r} is not a mapping of feature lengths; set e.g. "
                          f"--gin.{macro}=\"{{'targets': 256}}\".")
+    if "targets" not in value:
+        raise ValueError(f"{label} = {value!r} has no 'targets' length, which every task needs; set e.g. "
+                         f"--gin.{macro}=\"{{'targets': 256}}\" ({{'inputs': 128, 'targets': 128}} for a prefix-LM "
+                         "task).")
     for feature, length in value.items():
         integer(length, f"{name}[{feature!r}]", minimum=1, example=256)
     return dict(value)
@@ -125,6 +129,26 @@ def prepare_model_dir(model_dir: Any, name: str = "MODEL_DIR") -> str:
         reason = e.strerror or type(e).__name__
         raise ValueError(f"{name} = {path!r} cannot be written ({reason}: {e.filename or path}); "
                          f"choose a directory you can write to.") from None
+    return path
+
+
+def check_output_dir(path: str, name: str, fix: str) -> str:
+    """Raises ValueError, ending in `fix`, unless `path` is a directory that exists and can be
+    written or can be created. Creates nothing: a binary that fails later leaves nothing behind.
+    Remote paths (gs://...) are left to the storage layer."""
+    path = os.fspath(path)
+    if "://" in path:
+        return path
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} = {path!r} is a file, not a directory; {fix}.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name} = {path!r} cannot be created: {existing} is a file; {fix}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} = {path!r} cannot be written (no write permission or a read-only filesystem: "
+                         f"{existing}); {fix}.")
     return path
 
 

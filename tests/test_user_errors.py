@@ -192,27 +192,34 @@ def trained(tmp_path_factory):
 
 
 def damaged_copy(model_dir, dest, steps, what="data"):
-    """Copies a run and truncates the array data (or the JSON metadata) of `steps`."""
+    """Copies a run and truncates the array data (or the JSON metadata) of `steps`, or (what="random")
+    overwrites the middle half of each array data file with random bytes."""
     shutil.copytree(model_dir, dest)
     for step in steps:
         for root, _, files in os.walk(os.path.join(dest, str(step), "state")):
             for f in files:
                 path = os.path.join(root, f)
                 is_data = os.sep + "d" + os.sep in path
-                if (is_data if what == "data" else f == "_METADATA"):
+                if what == "random" and is_data:
+                    size = os.path.getsize(path)
+                    with open(path, "r+b") as fh:
+                        fh.seek(size // 4)
+                        fh.write(os.urandom(size // 2))
+                elif what != "random" and (is_data if what == "data" else f == "_METADATA"):
                     with open(path, "r+b") as fh:
                         fh.truncate(16)
     return str(dest)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["data", "metadata"])
+@pytest.mark.parametrize("what", ["data", "metadata", "random"])
 def test_eval_and_infer_fall_back_from_an_unreadable_checkpoint(trained, tmp_path, what):
     model_dir = damaged_copy(trained, tmp_path / "run", [8], what)
     proc = run("olmax.eval", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.eval.evaluate.eval_steps=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Checkpoint {model_dir}/8 is unreadable (could not be loaded: " in proc.stderr
     assert "trying step 4." in proc.stderr and "Traceback" not in proc.stderr
+    assert "Exception ignored" not in proc.stderr  # issue 23: 134 lines of coroutine reports with random bytes
     (record,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert record["step"] == 4 and record["checkpoint"] == f"{model_dir}/4"
     assert os.path.isdir(os.path.join(model_dir, "8"))  # eval and infer never move a user's files
@@ -265,6 +272,23 @@ def test_closed_event_loop_echo_is_dropped_and_nothing_else(monkeypatch):
         threading.excepthook(report)
         sys.unraisablehook(report)
     assert seen == [other, other, other]
+
+
+def test_unraisable_reports_of_abandoned_coroutines_are_dropped(monkeypatch):
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: seen.append(args.object))
+    checkpoints._quiet_abandoned_tasks()
+
+    async def sibling_read():
+        return None
+
+    coroutine, other = sibling_read(), object()
+    for obj in (coroutine, other):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("x"), object=obj))
+    coroutine.close()
+    assert seen == [other]
 
 
 def test_unset_required_values_are_named():
@@ -349,3 +373,79 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(tmp_path):
                         r"[\d,.]+ GiB per device \(10,27\d,\d{3},\d{3},\d{3} parameters, mesh .*\) but a cpu device "
                         r"has [\d,.]+ GiB\. .*`python -m olmax\.plan .*` shows what fits\.", last_line(proc))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_feature_lengths_without_targets_are_named():
+    """Issue 23: a 35-line KeyError traceback."""
+    with pytest.raises(ValueError, match=r"^TASK_FEATURE_LENGTHS \(utils.DatasetConfig.task_feature_lengths\) = "
+                                         r"\{'inputs': 32\} has no 'targets' length, which every task needs; set e.g. "
+                                         r"--gin.TASK_FEATURE_LENGTHS=\"\{'targets': 256\}\""):
+        utils.DatasetConfig("olmax_stdlib", {"inputs": 32}, batch_size=2)
+
+
+def test_output_dirs_that_cannot_be_written(tmp_path):
+    (tmp_path / "file").write_text("")
+    fix = "set --gin.EVAL_OUTPUT_DIR to a directory"
+    with pytest.raises(ValueError, match=rf"^EVAL_OUTPUT_DIR = '.*/file' is a file, not a directory; {fix}.$"):
+        validation.check_output_dir(str(tmp_path / "file"), "EVAL_OUTPUT_DIR", fix)
+    with pytest.raises(ValueError, match=r"^EVAL_OUTPUT_DIR = '.*/file/eval' cannot be created: .*/file is a file"):
+        validation.check_output_dir(str(tmp_path / "file" / "eval"), "EVAL_OUTPUT_DIR", fix)
+    assert validation.check_output_dir(str(tmp_path / "a" / "b"), "EVAL_OUTPUT_DIR", fix) == str(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()  # checked, not created
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only view (bind mount) of a directory; root cannot write there either."""
+    source, view = tmp_path / "source", tmp_path / "read_only"
+    source.mkdir()
+    view.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("a read-only directory for root needs a read-only bind mount, which only root can make")
+    for args in (["--bind", str(source), str(view)], ["-o", "remount,bind,ro", str(view)]):
+        proc = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            subprocess.run(["umount", str(view)], capture_output=True)
+            pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()}")
+    yield source, view
+    subprocess.run(["umount", str(view)], check=True)
+
+
+@pytest.mark.slow
+def test_eval_of_a_read_only_model_dir_or_into_a_file(trained, tmp_path, read_only):
+    """Issue 23: an OSError traceback (read-only MODEL_DIR), a FileExistsError one (EVAL_OUTPUT_DIR a file)."""
+    source, view = read_only
+    shutil.copytree(trained, source / "run")
+    model_dir = view / "run"
+    proc = run("olmax.eval", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.eval.evaluate.eval_steps=1")
+    assert_one_line_error(proc, "olmax.eval", f"EVAL_OUTPUT_DIR (unset: <checkpoint directory>/eval) = "
+                          f"'{model_dir}/eval' cannot be written (no write permission or a read-only filesystem: "
+                          f"{model_dir}); set --gin.EVAL_OUTPUT_DIR to a directory you can write to.")
+    (tmp_path / "file").write_text("")
+    proc = run("olmax.eval", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", f"--gin.EVAL_OUTPUT_DIR={tmp_path / 'file'}")
+    assert_one_line_error(proc, "olmax.eval", f"EVAL_OUTPUT_DIR = '{tmp_path / 'file'}' is a file, not a directory; "
+                                              "set --gin.EVAL_OUTPUT_DIR to a directory.")
+
+
+@pytest.mark.slow
+def test_a_step_asked_for_by_name_is_read_or_the_binary_fails(trained, tmp_path):
+    """Issue 23: CHECKPOINT_PATH=<run>/8 with step 8 unreadable evaluated step 4 and exited 0."""
+    model_dir = damaged_copy(trained, tmp_path / "run", [8])
+    proc = run("olmax.eval", *TINY_MODEL, f"--gin.CHECKPOINT_PATH={model_dir}/8", "--gin.eval.evaluate.eval_steps=1")
+    assert f"Checkpoint {model_dir}/8 is unreadable" in proc.stderr
+    assert "no other step is tried: CHECKPOINT_PATH asks for this one." in proc.stderr
+    assert_one_line_error(proc, "olmax.eval", f"No readable checkpoint left in {model_dir}: step 8 could not be loaded "
+                          "(see the warnings above). Point CHECKPOINT_PATH at a MODEL_DIR with an intact checkpoint.")
+    assert '"step": 4' not in proc.stdout
+
+
+@pytest.mark.slow
+def test_infer_prompt_that_is_not_utf8_and_a_missing_model_dir_named_as_such(tmp_path):
+    """Issue 23: a UnicodeEncodeError traceback; a MODEL_DIR called CHECKPOINT_PATH."""
+    proc = subprocess.run([sys.executable, "-m", "olmax.infer", *TINY_MODEL, f"--gin.MODEL_DIR={tmp_path}",
+                           "--prompt", b"caf\xe9 \xff"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "olmax.infer", "--prompt is not UTF-8 text (a byte that is not UTF-8 at character 3); "
+                                               "give the prompt in UTF-8, e.g. convert it with iconv -t utf-8.")
+    proc = run("olmax.infer", *TINY_MODEL, f"--gin.MODEL_DIR={tmp_path / 'nope'}", "--prompt", "def ")
+    assert_one_line_error(proc, "olmax.infer", f"MODEL_DIR='{tmp_path / 'nope'}' does not exist; point it at a "
+                                               "trained run's directory, or set CHECKPOINT_PATH.")
