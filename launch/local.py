@@ -9,7 +9,9 @@ Starts `python -m olmax.train <args> --coordinator_address=127.0.0.1:PORT
 and the processes talk through JAX's gloo CPU collectives; with `--platform gpu`
 each gets its own GPUs (CUDA_VISIBLE_DEVICES). Output lines are prefixed with the
 process index (and copied to --log_dir/process_I.log if given). If one process
-fails the others are stopped; SIGTERM / Ctrl-C is forwarded to every process
+fails the others are stopped, and what they print from then on (the collectives'
+errors about the lost peer) goes to --log_dir only, so the launcher's line naming
+the failed process ends the output; SIGTERM / Ctrl-C is forwarded to every process
 (the trainer saves a checkpoint and exits). The exit status is the first failure's.
 The coordinator listens on 127.0.0.1 only.
 """
@@ -76,13 +78,14 @@ def describe(cmds: list[tuple[dict[str, str], list[str]]]) -> str:
     return "\n".join(lines)
 
 
-def _pump(index: int, stream, log_path: str | None, lock: threading.Lock) -> None:
+def _pump(index: int, stream, log_path: str | None, lock: threading.Lock, muted: set[int]) -> None:
     log = open(log_path, "w") if log_path else None
     try:
         for line in iter(stream.readline, ""):
             with lock:
-                sys.stdout.write(f"[{index}] {line}")
-                sys.stdout.flush()
+                if index not in muted:
+                    sys.stdout.write(f"[{index}] {line}")
+                    sys.stdout.flush()
             if log:
                 log.write(line)
                 log.flush()
@@ -97,6 +100,7 @@ def run(cmds: list[tuple[dict[str, str], list[str]]], log_dir: str | None = None
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
     lock = threading.Lock()
+    muted: set[int] = set()  # processes stopped because another failed: their errors are echoes of that one
     procs, pumps = [], []
     for i, (env, argv) in enumerate(cmds):
         p = subprocess.Popen(argv, env=dict(os.environ, **env), cwd=cwd, stdout=subprocess.PIPE,
@@ -105,7 +109,8 @@ def run(cmds: list[tuple[dict[str, str], list[str]]], log_dir: str | None = None
         with lock:
             print(f"[launch.local] process {i}: pid {p.pid}", flush=True)
         t = threading.Thread(target=_pump, daemon=True,
-                             args=(i, p.stdout, os.path.join(log_dir, f"process_{i}.log") if log_dir else None, lock))
+                             args=(i, p.stdout, os.path.join(log_dir, f"process_{i}.log") if log_dir else None, lock,
+                                   muted))
         t.start()
         pumps.append(t)
 
@@ -118,7 +123,7 @@ def run(cmds: list[tuple[dict[str, str], list[str]]], log_dir: str | None = None
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: nothing to forward
         previous = {}
-    first_failure = 0
+    first_failure, failed = 0, None
     try:
         remaining = set(range(len(procs)))
         while remaining:
@@ -129,8 +134,9 @@ def run(cmds: list[tuple[dict[str, str], list[str]]], log_dir: str | None = None
                     continue
                 remaining.discard(i)
                 if rc != 0 and not first_failure:
-                    first_failure = rc
+                    first_failure, failed = rc, i
                     with lock:
+                        muted.update(remaining)
                         print(f"[launch.local] process {i} exited with status {rc}; stopping the others.", flush=True)
                     _stop([procs[j] for j in remaining], grace_s)
     finally:
@@ -138,6 +144,10 @@ def run(cmds: list[tuple[dict[str, str], list[str]]], log_dir: str | None = None
             signal.signal(s, h)
         for t in pumps:
             t.join(timeout=5)
+    if failed is not None:
+        where = f"; their last output is in {log_dir}" if log_dir else ""
+        print(f"[launch.local] process {failed} failed (exit status {first_failure}, its error is above); the other "
+              f"processes were stopped{where}.", flush=True)
     return first_failure
 
 
@@ -168,8 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(own)
     if not binary_args:
         parser.error("give the binary's arguments after `--`, e.g. -- --gin_file=gin/quickstart.gin")
-    cmds = commands(args.num_processes, args.devices_per_process, binary_args, args.module,
-                    args.port or free_port(), args.platform)
+    for name in ("num_processes", "devices_per_process"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: give at least 1")
+    try:
+        cmds = commands(args.num_processes, args.devices_per_process, binary_args, args.module,
+                        args.port or free_port(), args.platform)
+    except ValueError as e:  # the binary's arguments: usage errors, as argparse reports its own
+        parser.error(str(e))
     if args.dry_run:
         print(describe(cmds))
         return 0

@@ -60,6 +60,40 @@ def test_local_runs_every_process_and_stops_the_rest_when_one_fails(capsys):
     assert "process 0 exited with status 3; stopping the others" in capsys.readouterr().out
 
 
+def test_local_keeps_the_failure_last_and_the_survivors_echoes_in_the_log(capsys, tmp_path):
+    """Issue 23: the survivor's Gloo traceback followed the launcher's clear line."""
+    survivor = ("import signal, sys, time\n"
+                "def stop(*_):\n"
+                "    print('Traceback (most recent call last): gloo connection closed by peer', flush=True)\n"
+                "    sys.exit(1)\n"
+                "signal.signal(signal.SIGTERM, stop)\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(60)\n")
+    cmds = [({}, [sys.executable, "-c", "import time, sys; time.sleep(2); print('bad input'); sys.exit(3)"]),
+            ({}, [sys.executable, "-c", survivor])]
+    assert local.run(cmds, log_dir=str(tmp_path), grace_s=10) == 3
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "[0] bad input" in out and "Traceback" not in "\n".join(out)
+    assert out[-1] == (f"[launch.local] process 0 failed (exit status 3, its error is above); the other processes were "
+                       f"stopped; their last output is in {tmp_path}.")
+    assert "gloo connection closed" in (tmp_path / "process_1.log").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_processes", "0"], "--num_processes=0: give at least 1"),
+    (["--devices_per_process", "0"], "--devices_per_process=0: give at least 1"),
+    (["--", "--gin_file=x.gin", "--process_index=1"], "['--process_index=1']: the launcher sets the multi-host flags "
+                                                      "itself; leave them out."),
+])
+def test_local_usage_errors_are_argparse_errors(capsys, args, message):
+    """Issue 23: ValueError tracebacks."""
+    argv = args if "--" in args else args + ["--", "--gin_file=x.gin"]
+    with pytest.raises(SystemExit) as e:
+        local.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m launch.local: error: {message}"
+
+
 def test_local_is_runnable_from_the_checkout():
     proc = subprocess.run([sys.executable, "-m", "launch.local", "--num_processes", "3", "--dry_run", "--",
                            "--gin_file=gin/quickstart.gin"], cwd=REPO, capture_output=True, text=True, timeout=60)
