@@ -468,3 +468,31 @@ def test_files_that_are_not_utf8_text_are_skipped_with_a_warning(tmp_path, capfd
     for name in ("latin1.txt", "utf16.txt", "image.bin"):
         assert f"WARNING: skipping {'file' if mode == 'file' else 'a line of'} {tmp_path / name}: not UTF-8 text" in err
     assert "good.txt" not in err and "fffd.txt" not in err and "iconv" in err
+
+
+def test_a_pattern_from_the_environment_is_named_as_coming_from_there(no_text_env, clean_gin, tmp_path):
+    """Issue 23: OLMAX_TEXT_FILES, forgotten in the shell, gave a message that did not name it."""
+    missing = str(tmp_path / "nope" / "*.txt")
+    no_text_env.setenv(text_files_task.TRAIN_FILES_ENV, missing)
+    with pytest.raises(FileNotFoundError) as info:
+        seqio.get_mixture_or_task("text_files").get_dataset({"targets": 32}, split="train")
+    assert f"the pattern comes from the environment variable OLMAX_TEXT_FILES={missing!r} (fix or unset it)" in str(
+        info.value)
+    gin.parse_config_files_and_bindings(None, [f"olmax_tasks.text_files.train_patterns = {[missing]!r}"])
+    with pytest.raises(FileNotFoundError) as info:
+        seqio.get_mixture_or_task("text_files").get_dataset({"targets": 32}, split="train")
+    assert "comes from the environment" not in str(info.value)  # a Gin binding wins, and is not blamed on the shell
+
+
+def test_only_empty_files_are_named_for_both_splits(no_text_env, tmp_path):
+    """Issue 23: text_files whose only file is empty gave a message about the validation split."""
+    (tmp_path / "empty.txt").write_text("")
+    task = olmax_tasks.register_text_files_task("test_empty", str(tmp_path / "empty.txt"))
+    for split in ("train", "validation"):
+        with pytest.raises(ValueError) as info:
+            task.get_dataset({"targets": 32}, split=split)
+        assert str(info.value).startswith(f"The only file of test_empty train ('{tmp_path / 'empty.txt'}') is empty: "
+                                          "there is no text to train on; add text or point the patterns at other files")
+    (tmp_path / "text.txt").write_text("some text")
+    task = olmax_tasks.register_text_files_task("test_some_empty", str(tmp_path / "*.txt"))
+    assert _texts(task.source.get_dataset("train")) == ["some text"]  # one empty file among others is fine

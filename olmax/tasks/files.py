@@ -120,6 +120,27 @@ def expand_patterns(patterns: Patterns, what: str, hint: str = "") -> List[str]:
     return sorted(files)
 
 
+def _size(path: str) -> int:
+    if _is_remote(path):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+        return tf.io.gfile.stat(path).length
+    return os.path.getsize(path)
+
+
+def check_some_text(files: Sequence[str], what: str, hint: str = "") -> None:
+    """Raises ValueError when every one of `files` is empty: the split they make holds no
+    document, and without this the first message would blame a split, not the files.
+    Stops at the first non-empty file, so a large corpus costs one stat."""
+    if any(_size(f) > 0 for f in files):
+        return
+    shown = ", ".join(repr(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    every = "The only file" if len(files) == 1 else f"Every one of the {len(files)} files"
+    suffix = f"; {hint}" if hint else ""
+    raise ValueError(f"{every} of {what} ({shown}) is empty: there is no text to train on; add text or point the "
+                     f"patterns at other files{suffix}")
+
+
 # ------------------------------------------------------------------ stdlib corpus
 
 #: Directories never read for the `olmax_stdlib` corpus: installed third-party

@@ -85,10 +85,11 @@ class TextFilesConfig:
     validation_fraction: float = files_lib.VALIDATION_FRACTION
     document_mode: str = "file"
     max_document_bytes: Optional[int] = sources.DEFAULT_MAX_DOCUMENT_BYTES
+    from_environment: Tuple[str, ...] = ()  # the environment variables the patterns came from
 
     @classmethod
     def from_patterns(cls, train_patterns, validation_patterns, vocabulary, validation_fraction, document_mode,
-                      max_document_bytes) -> "TextFilesConfig":
+                      max_document_bytes, from_environment: Tuple[str, ...] = ()) -> "TextFilesConfig":
         """From user input: pattern strings (commas separate several) or lists."""
         return cls(
             train_patterns=tuple(files_lib.split_patterns(train_patterns)),
@@ -97,6 +98,7 @@ class TextFilesConfig:
             validation_fraction=float(validation_fraction),
             document_mode=document_mode,
             max_document_bytes=max_document_bytes,
+            from_environment=from_environment,
         )
 
     def __post_init__(self):
@@ -120,15 +122,26 @@ def text_files_config(
 
     Gin name `olmax_tasks.text_files`; see the module docstring for the table.
     """
-    env = os.environ
-    if train_patterns is None:
-        train_patterns = env.get(TRAIN_FILES_ENV)
-    if validation_patterns is None:
-        validation_patterns = env.get(VALIDATION_FILES_ENV)
+    env, from_environment = os.environ, []
+    if train_patterns is None and env.get(TRAIN_FILES_ENV):
+        train_patterns = env[TRAIN_FILES_ENV]
+        from_environment.append(TRAIN_FILES_ENV)
+    if validation_patterns is None and env.get(VALIDATION_FILES_ENV):
+        validation_patterns = env[VALIDATION_FILES_ENV]
+        from_environment.append(VALIDATION_FILES_ENV)
     if vocabulary is None:
         vocabulary = env.get(VOCAB_ENV) or "byte"
     return TextFilesConfig.from_patterns(train_patterns, validation_patterns, vocabulary, validation_fraction,
-                                         document_mode, max_document_bytes)
+                                         document_mode, max_document_bytes, tuple(from_environment))
+
+
+def _hint(config: TextFilesConfig, variable: str, patterns: Tuple[str, ...], hint: str) -> str:
+    """`hint`, preceded by where the patterns came from when that was the environment: a user
+    who forgot an exported OLMAX_TEXT_FILES would otherwise look for them in the gin files."""
+    if variable not in config.from_environment:
+        return hint
+    return (f"the {'pattern comes' if len(patterns) == 1 else 'patterns come'} from the environment variable "
+            f"{variable}={','.join(patterns)!r} (fix or unset it); {hint}")
 
 
 def _files_fn(
@@ -145,11 +158,13 @@ def _files_fn(
         if not config.train_patterns:
             raise ValueError(f"Task {task_name!r} has no train file patterns; {hint}")
         if split == "validation" and config.validation_patterns:
-            files = files_lib.expand_patterns(
-                config.validation_patterns, f"{task_name} validation", hint
-            )
+            validation_hint = _hint(config, VALIDATION_FILES_ENV, config.validation_patterns, hint)
+            files = files_lib.expand_patterns(config.validation_patterns, f"{task_name} validation", validation_hint)
+            files_lib.check_some_text(files, f"{task_name} validation", validation_hint)
             return sources.SplitFiles(files=files, **common)
-        files = files_lib.expand_patterns(config.train_patterns, f"{task_name} train", hint)
+        train_hint = _hint(config, TRAIN_FILES_ENV, config.train_patterns, hint)
+        files = files_lib.expand_patterns(config.train_patterns, f"{task_name} train", train_hint)
+        files_lib.check_some_text(files, f"{task_name} train", train_hint)
         if config.validation_patterns:  # 'train' is all of the train files.
             return sources.SplitFiles(files=files, **common)
         return sources.SplitFiles(
