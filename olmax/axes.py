@@ -23,6 +23,7 @@ PARAM_AXES = (
     "embed",  # model width (OlmaxConfig.features)
     "mlp",  # hidden width of conv and expert feed-forwards
     "heads",  # attention heads (flattened with the head dim) or mixer channel groups
+    "kv",  # per-head width of a projection declared [embed, heads, kv] (the recall mixer's)
     "conv_window",  # taps of a causal convolution
     "mix_lag",  # lags of an axial-mixer token-mixing filter
     "expert",  # experts of a mixture of experts
@@ -58,6 +59,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "model"),
     ("mlp", "model"),
     ("heads", "model"),
+    ("kv", None),
     ("embed", None),
     ("conv_window", None),
     ("mix_lag", None),

@@ -35,7 +35,7 @@ import numpy as np
 
 from olmax.attention import causal_attention
 from olmax.config import OlmaxConfig
-from olmax.layers import (Array, Context, activation, cache_variable, fan_in_normal, last_positions,
+from olmax.layers import (Array, Context, activation, cache_variable, constrain, fan_in_normal, last_positions,
                           pad_to, param_with_axes, shift_right, slide, write_position, zero_aux)
 
 
@@ -506,24 +506,31 @@ class RecallMixer(nn.Module):
         h, r, block = cfg.num_heads, cfg.recall_features, cfg.block_size
         c = d // h
         init = fan_in_normal((0,))
-        names = {"wq": d, "wk": d, "wv": d, "wq_recall": h * r, "wk_recall": h * r, "w_write_gate": h, "w_forget": h}
+        # Every projection is [embed, heads, per-head width]: a 'model' mesh axis splits all of them
+        # by head, and their concatenation (one matmul) and split run on each device's heads alone.
+        names = {"wq": c, "wk": c, "wv": c, "wq_recall": r, "wk_recall": r, "w_write_gate": 1, "w_forget": 1}
         # w_forget starts at zero: every head decays at its spectrum's rate until it learns otherwise.
-        w = [param_with_axes(n, nn.initializers.zeros if n == "w_forget" else init, (d, e), axes=("embed", "heads"))
-             for n, e in names.items()]
+        w = [param_with_axes(n, nn.initializers.zeros if n == "w_forget" else init, (d, h, e),
+                             axes=("embed", "heads", "kv")) for n, e in names.items()]
         gate_bias = param_with_axes("b_write_gate", nn.initializers.zeros, (h,), axes=("heads",))
         forget_bias = param_with_axes("b_forget", forget_init(block, cfg.max_length), (h,), axes=("heads",))
         wo = param_with_axes("wo", init, (d, d), axes=("heads", "embed")).astype(cfg.dtype)
         if decode is not None:
-            window = {n: cache_variable(self, decode, n, (bsz, block, h, c), cfg.dtype) for n in ("keys", "values")}
+            by_head = ("activation_batch", None, "activation_heads", None)  # [b, K, h, c]
+            window = {n: cache_variable(self, decode, n, (bsz, block, h, c), cfg.dtype, by_head)
+                      for n in ("keys", "values")}
             feats = feature_size(r)
-            state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32)
-            norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32)
+            state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32,
+                                   ("activation_batch", "activation_heads", None, None))
+            norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32,
+                                  ("activation_batch", "activation_heads", None))
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
-        # One matmul for the projections: [b,t,d] -> [b,t,3d + 2hr + 2h] -> q, k, v, ql, kl, gate, forget.
-        proj = jnp.einsum("btd,de->bte", x, jnp.concatenate(w, axis=1).astype(cfg.dtype))
+        # One matmul for the projections: [b,t,d] -> [b,t,h,3c + 2r + 2] -> q, k, v, ql, kl, gate, forget.
+        proj = jnp.einsum("btd,dhe->bthe", x, jnp.concatenate(w, axis=2).astype(cfg.dtype))
+        proj = constrain(proj, ("activation_batch", "activation_length", "activation_heads", None))
         splits = list(itertools.accumulate(names.values()))[:-1]
-        q, k, v, ql, kl, g, f = (a.reshape(bsz, length, h, -1) for a in jnp.split(proj, splits, axis=-1))
+        q, k, v, ql, kl, g, f = jnp.split(proj, splits, axis=-1)
         gate = jax.nn.sigmoid(g[..., 0].astype(jnp.float32) + gate_bias)  # [b,t,h]
         log_decay = -jax.nn.softplus(f[..., 0].astype(jnp.float32) + forget_bias)  # [b,t,h], <= 0
         q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)

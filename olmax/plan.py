@@ -34,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -78,6 +80,8 @@ class Plan:
     utilization: float  # assumed fraction of peak FLOP/s sustained
     device_memory_bytes: int | None = None
     total_param_bytes: int = 0  # unsharded, all devices together
+    # Cross-device collectives of the compiled step: {op: (count, bytes per device)}; see `collectives`.
+    collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def devices(self) -> int:
@@ -126,6 +130,33 @@ def _sharded_bytes(shapes: Any, shardings: Any) -> int:
         return int(np.prod(s.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
     return sum(jax.tree.leaves(jax.tree.map(leaf, shapes, shardings)))
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"= (\S.*?) (%s)(?:-start)?\(" % "|".join(COLLECTIVES))
+_ARRAY = re.compile(r"\b(pred|bf16|[suf]\d+)\[([\d,]*)\]")
+
+
+def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """{op: (count, bytes)} of the cross-device collectives in a compiled program's HLO text
+    (`compiled.as_text()`), bytes = the size of each op's result on one device, summed.
+
+    Counted as written: an op inside a loop body (the scanned layer stack) counts once, not
+    once per iteration, so compare programs of equal depth rather than read it as traffic per step.
+    """
+    out: dict[str, list[int]] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m is None:
+            continue
+        size = 0
+        for dtype, dims in _ARRAY.findall(m.group(1)):
+            bits = 8 if dtype == "pred" else 16 if dtype == "bf16" else int(dtype[1:])
+            size += math.prod(int(n) for n in dims.split(",") if n) * bits // 8
+        entry = out.setdefault(m.group(2), [0, 0])
+        entry[0] += 1
+        entry[1] += size
+    return {op: (n, b) for op, (n, b) in out.items()}
 
 
 def abstract_batch(partitioner, batch_size: int, length: int) -> dict:
@@ -179,6 +210,7 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
         device_memory_bytes=device_memory_bytes,
         total_param_bytes=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                               for x in jax.tree.leaves(setup.param_shapes)),
+        collectives=collectives(compiled.as_text()),
     )
 
 
@@ -249,6 +281,8 @@ def report(p: Plan) -> str:
         ("expected MFU", f"{100 * p.expected_mfu:.1f}%"),
         ("step time", f"{p.step_seconds:.3g} s"),
         ("tokens/s (whole mesh)", f"{p.tokens_per_second:,.0f}"),
+        ("collectives (a loop body once)", ", ".join(f"{op} {n} ({_fmt_bytes(b).strip()})"
+                                                     for op, (n, b) in sorted(p.collectives.items())) or "none"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -206,10 +206,11 @@ def test_t5x_calling_contract():
     np.testing.assert_array_equal(beams["cache_index"], np.repeat(inputs_lengths + 4, expand).reshape(b, expand))
 
 
-@pytest.mark.parametrize("mixer", ["axial", "attention"])
+@pytest.mark.parametrize("mixer", ["axial", "attention", "recall"])
 def test_cache_axes_partition_the_cache(mixer):
     """Every cache leaf has logical axes in `cache_axes` (the tree T5X maps over the cache), and
-    under a mesh and Olmax's rules the created cache is sharded by them: batch over `data`."""
+    under a mesh and Olmax's rules the created cache is sharded by them: batch over `data`,
+    the heads of attention's and the recall mixer's caches over `model`."""
     from flax.linen import partitioning as nn_partitioning
     from jax.sharding import PartitionSpec as P
 
@@ -223,7 +224,9 @@ def test_cache_axes_partition_the_cache(mixer):
     named = jax.tree.map(lambda leaf, spec: (leaf.shape, tuple(spec)), variables["cache"], cache_axes)
     flat = flax.traverse_util.flatten_dict(named)
     assert flat.pop(("cache_index",)) == ((), ())
-    assert len(flat) == 4 * BASE.depth  # two leaves per conv and per mixer, none for MoE
+    # Two leaves per conv and per axial or attention mixer (the recall mixer: its window's keys and
+    # values, its state and normalizer), none for MoE.
+    assert len(flat) == (6 if mixer == "recall" else 4) * BASE.depth
     for path, (shape, names) in flat.items():
         assert len(names) == len(shape) and names[0] == "activation_batch", path
         assert set(names) - {None} <= set(axes.ACTIVATION_AXES), path
@@ -236,8 +239,14 @@ def test_cache_axes_partition_the_cache(mixer):
     for path, leaf in flax.traverse_util.flatten_dict(state["cache"]).items():
         if path[-1] != "cache_index":
             assert leaf.shape[0] == b and leaf.sharding.spec[0] == "data", (path, leaf.sharding)
-    hidden = state["cache"]["decoder"]["layers_0"]["conv_0"]["conv"]["hidden"]  # [b, k-1, conv_features]
-    assert hidden.sharding.spec == P("data", None, "model")
+    layer = state["cache"]["decoder"]["layers_0"]
+    assert layer["conv_0"]["conv"]["hidden"].sharding.spec == P("data", None, "model")  # [b, k-1, conv_features]
+    if mixer != "axial":
+        heads = {"attention": ("keys", P("data", None, "model")),  # [b, L, h, c]
+                 "recall": ("state", P("data", "model"))}  # [b, h, F, c]
+        name, spec = heads[mixer]
+        (branch,) = (v for k, v in layer.items() if k.startswith("mixer_"))
+        assert branch["mixer"][name].sharding.spec == spec
 
 
 def test_decode_errors_name_the_fix():
