@@ -26,6 +26,10 @@ class OlmaxConfig:
     # or "attention" (transformer baseline).
     mixer: str = "recall"
     reversible: bool = True  # False: plain residual + remat
+    # False: the layers are unrolled in the compiled step instead of scanned (compiles once per
+    # layer; olmax.plan uses it so that XLA's cost analysis, which counts a loop body once, sees
+    # every layer). Same function and parameters either way.
+    scan_layers: bool = True
     norm: str = "rms"  # "rms" or "layer"
     placement: str = "sandwich"  # "sandwich" (norm before and after f) or "pre"
     num_experts: int = 0  # 0: no mixture of experts

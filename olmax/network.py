@@ -71,7 +71,8 @@ def layer_fns(config: OlmaxConfig, enable_dropout: bool = False) -> reversible.L
 
         return fn
 
-    return reversible.LayerFns(branch_names(config), tuple(branch(k) for k in config.layer_blocks))
+    return reversible.LayerFns(branch_names(config), tuple(branch(k) for k in config.layer_blocks),
+                               unroll=not config.scan_layers)
 
 
 def cached_layer_fns(config: OlmaxConfig, decode: str) -> reversible.LayerFns:

@@ -104,6 +104,29 @@ class PjitPartitioner:
         """Logical PartitionSpecs (olmax.axes.logical_axes) -> NamedShardings."""
         return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.rules)
 
+    def check_divisible(self, shapes: Any, logical_specs: Any) -> None:
+        """A ValueError naming the first parameter whose dimension the mesh cannot split evenly:
+        its path, logical axis and size, the mesh axis and what to change (JAX's own error names
+        only an array shape)."""
+        by_path = lambda tree, kind: dict(jax.tree_util.tree_leaves_with_path(  # noqa: E731
+            tree, is_leaf=lambda x: isinstance(x, kind)))
+        specs, shardings = by_path(logical_specs, PartitionSpec), by_path(self.param_shardings(logical_specs), NamedSharding)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+            for dim, (size, mesh_axes) in enumerate(zip(leaf.shape, shardings[path].spec)):
+                names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+                parts = int(np.prod([self.mesh.shape[a] for a in names])) if names else 1
+                if size % parts:
+                    where = "/".join(str(getattr(k, "key", k)) for k in path)
+                    logical = specs[path][dim]
+                    below = max(n for n in range(1, parts) if size % n == 0)
+                    above = [n for n in range(parts + 1, size + 1) if size % n == 0][:1]
+                    raise ValueError(
+                        f"The mesh's {'x'.join(names)} axis ({parts} devices) cannot split parameter {where} "
+                        f"{tuple(leaf.shape)}: its '{logical}' dimension, {size}, is not divisible by {parts}. "
+                        f"Use a {'x'.join(names)} axis that divides {size} (e.g. {' or '.join(map(str, [below] + above))}; "
+                        f"partitioning.PjitPartitioner.num_partitions, or olmax.plan --mesh), or a model whose "
+                        f"'{logical}' sizes it divides.")
+
     def opt_state_shardings(self, tx: optax.GradientTransformation, param_shapes: Any, param_shardings: Any) -> Any:
         """Shardings for `tx.init(params)`: param-shaped parts follow the params; the rest is replicated."""
         state_shapes = jax.eval_shape(tx.init, param_shapes)
@@ -165,3 +188,4 @@ def shard_of_process(rows: dict[int, set[tuple[int, int]]], process: int, batch_
             "each host must feed an equal, disjoint slice. Check the mesh's device order."
         )
     return blocks.index(spans[process]), len(blocks)
+

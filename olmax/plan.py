@@ -2,7 +2,8 @@ r"""Will it fit, and how fast? Compile the train step for a mesh before spending
 
     python -m olmax.plan --gin_file=gin/models/small.gin --mesh data=64,model=4 \
         [--batch_size 256 --length 2048 --device_kind "TPU v4" --peak_flops 275e12 \
-         --device_memory_gb 32 --utilization 0.6 --microbatches 1] [--gin.KEY=VALUE ...]
+         --device_memory_gb 32 --memory_bandwidth_gbs 1228 --utilization 0.6 --microbatches 1] \
+        [--gin.KEY=VALUE ...]
 
 The planner builds exactly what `olmax.train` builds (trainer.TrainSetup, trainer.make_steps,
 PjitPartitioner with the Gin logical axis rules) on `data x model` simulated CPU
@@ -17,20 +18,22 @@ multi-billion-parameter model plans on a laptop. It reports, per device:
       differently, so read it as an estimate (usually within tens of percent);
   model FLOPs per token                 olmax.perf.train_flops_per_token (the MFU numerator:
       3 x forward);
-  hardware FLOPs per token              model FLOPs + the layers' forward once more: the
-      reversible stack (or remat) recomputes it in the backward pass;
-  step time, tokens/s, expected MFU     hardware FLOPs per device / (peak FLOP/s x
-      --utilization, the fraction of peak the chips sustain), and
-      MFU = utilization x model / hardware FLOPs. Compute only: the gradient
-      all-reduce and the model-parallel collectives are not modeled.
-XLA's own cost analysis is not used for time: it counts a loop body once, and
-the layer stack is a scan.
-
+  XLA FLOPs and bytes per device        XLA's cost analysis of the compiled step, every layer
+      counted (`compiled_cost`: the loops it would count once are unrolled at depth 1 and 2
+      and extrapolated): what the program executes, the reversible stack's recomputed
+      forward, gathers, pads and elementwise traffic included, so mixers, widths and meshes
+      differ where they really differ;
+  step time, tokens/s, expected MFU     a roofline: the slower of XLA FLOPs / (peak FLOP/s x
+      --utilization) and XLA bytes / (memory bandwidth x --utilization), peak and
+      bandwidth from the datasheet of --device_kind; MFU = model FLOPs / (step time x
+      peak). The gradient all-reduce and the model-parallel collectives are listed
+      (count and bytes, from the step's HLO), not timed.
 It exits with status 2 and a message naming the memory needed, the memory
 available and what to change when the step does not fit in --device_memory_gb.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -55,6 +58,22 @@ DEVICE_MEMORY_GB = {
 }
 
 
+# More simulated CPU devices than this crash XLA's CPU client or take minutes to create.
+MAX_SIMULATED_DEVICES = 8192
+
+# HBM bandwidth per chip (bytes/s, datasheet), for --device_kind: the memory side of the roofline.
+DEVICE_BANDWIDTH = {
+    "TPU v4": 1228e9,
+    "TPU v5 lite": 819e9,
+    "TPU v5e": 819e9,
+    "TPU v5p": 2765e9,
+    "TPU v6e": 1640e9,
+    "NVIDIA H100": 3350e9,
+    "NVIDIA H200": 4800e9,
+    "NVIDIA A100": 2039e9,
+}
+
+
 class DoesNotFit(ValueError):
     pass
 
@@ -75,9 +94,13 @@ class Plan:
     output_bytes: int  # compiled outputs not aliased to (donated) inputs
     argument_bytes: int  # compiled arguments: params + optimizer state + batch
     model_flops_per_token: float
-    hardware_flops_per_token: float  # with the recomputed forward of the layers
+    hardware_flops_per_token: float  # with the recomputed forward of the layers (analytic)
     peak_flops: float  # per device
-    utilization: float  # assumed fraction of peak FLOP/s sustained
+    utilization: float  # assumed fraction of peak FLOP/s (and of memory bandwidth) sustained
+    # XLA's cost analysis of the compiled step, per device, every layer counted (see `compiled_cost`).
+    compiled_flops: float = 0.0
+    compiled_bytes: float = 0.0  # bytes accessed (reads + writes of every op)
+    memory_bandwidth: float | None = None  # per device, bytes/s; None: compute-bound estimate only
     device_memory_bytes: int | None = None
     total_param_bytes: int = 0  # unsharded, all devices together
     # Cross-device collectives of the compiled step: {op: (count, bytes per device)}; see `collectives`.
@@ -101,13 +124,30 @@ class Plan:
         return self.model_flops_per_token * self.tokens_per_step / self.devices
 
     @property
-    def expected_mfu(self) -> float:
-        return self.utilization * self.model_flops_per_token / self.hardware_flops_per_token
+    def compute_seconds(self) -> float:
+        """The step at `utilization` of peak FLOP/s: XLA's FLOPs when measured, else the analytic ones."""
+        flops = self.compiled_flops or self.hardware_flops_per_token * self.tokens_per_step / self.devices
+        return flops / (self.peak_flops * self.utilization)
+
+    @property
+    def memory_seconds(self) -> float:
+        """The step at `utilization` of memory bandwidth: every byte XLA's ops read and write once."""
+        if not self.memory_bandwidth or not self.compiled_bytes:
+            return 0.0
+        return self.compiled_bytes / (self.memory_bandwidth * self.utilization)
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.memory_seconds > self.compute_seconds else "compute"
 
     @property
     def step_seconds(self) -> float:
-        hardware = self.hardware_flops_per_token * self.tokens_per_step / self.devices
-        return hardware / (self.peak_flops * self.utilization)
+        """Roofline: the slower of compute and memory traffic (collectives not modeled)."""
+        return max(self.compute_seconds, self.memory_seconds)
+
+    @property
+    def expected_mfu(self) -> float:
+        return self.model_flops_per_device / (self.step_seconds * self.peak_flops)
 
     @property
     def tokens_per_second(self) -> float:
@@ -115,8 +155,8 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for k in ("devices", "needed_bytes", "tokens_per_step", "model_flops_per_device", "expected_mfu",
-                  "step_seconds", "tokens_per_second"):
+        for k in ("devices", "needed_bytes", "tokens_per_step", "model_flops_per_device", "compute_seconds",
+                  "memory_seconds", "bound", "expected_mfu", "step_seconds", "tokens_per_second"):
             out[k] = getattr(self, k)
         return out
 
@@ -169,28 +209,77 @@ def abstract_batch(partitioner, batch_size: int, length: int) -> dict:
     return {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=partitioner.data_sharding) for k in names}
 
 
-def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable | None = None, microbatches: int = 1,
-         peak_flops: float = 275e12, utilization: float = 0.6, device_memory_bytes: int | None = None) -> Plan:
-    """Compiles the train step for `partitioner`'s mesh from abstract shapes and measures it."""
-    import jax
-    import numpy as np
+def compile_step(model, partitioner, batch_size: int, length: int, optimizer: Callable | None, microbatches: int):
+    """(setup, abstract state, abstract batch, compiled train step) for `partitioner`'s mesh."""
+    from olmax import optim, trainer
 
-    from olmax import models, optim, perf, trainer
-
-    trainer.check_batch(batch_size, partitioner, microbatches)
-    if length > model.config.max_length:
-        raise ValueError(f"--length={length} exceeds the model's max_length={model.config.max_length}.")
     setup = trainer.TrainSetup(model, partitioner, (batch_size, length), optimizer or optim.create_optimizer)
     state = setup.abstract_state()
     batch = abstract_batch(partitioner, batch_size, length)
     with partitioner.activate():
         compiled = trainer.make_steps(setup, microbatches).train.lower(state, batch).compile()
+    return setup, state, batch, compiled
+
+
+def _with_config(model, **changes):
+    """`model` (a DecoderOnlyLM) with its network's config changed."""
+    clone = copy.copy(model)
+    clone.module = model.module.clone(config=dataclasses.replace(model.config, **changes))
+    clone.config = clone.module.config
+    return clone
+
+
+def xla_cost(compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of a compiled program by XLA's cost analysis (a loop body once)."""
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis  # older jax: one per program
+    return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+
+
+def compiled_cost(model, partitioner, batch_size: int, length: int, optimizer: Callable | None = None,
+                  microbatches: int = 1) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) per device of one train step, from XLA's cost analysis.
+
+    XLA counts a loop body once, and the step has three loops: the scanned layers, the recall
+    mixer's scan over chunks of long rows, and gradient accumulation. So the step is compiled
+    twice more, at depth 1 and 2 with the layers unrolled (OlmaxConfig.scan_layers=False) and
+    one chunk per row, for one microbatch; the whole step is then depth 1's cost + (depth - 1)
+    x one layer's (depth 2's - depth 1's), times the microbatches. The optimizer update is
+    counted once per microbatch (a few FLOPs per parameter), and a chunked row's recomputed
+    chunks not at all: an estimate of what the accelerator executes, from the CPU compiler's
+    program (the accelerator's compiler fuses differently, which moves the bytes more than the
+    FLOPs)."""
+    cfg = model.config
+    rows = batch_size // microbatches
+    costs = [xla_cost(compile_step(_with_config(model, depth=n, scan_layers=False,
+                                              recall_chunk=max(cfg.recall_chunk, length)),
+                                 partitioner, rows, length, optimizer, 1)[3]) for n in (1, 2)]
+    (f1, b1), (f2, b2) = costs
+    return (microbatches * (f1 + (cfg.depth - 1) * (f2 - f1)), microbatches * (b1 + (cfg.depth - 1) * (b2 - b1)))
+
+
+def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable | None = None, microbatches: int = 1,
+         peak_flops: float = 275e12, utilization: float = 0.6, device_memory_bytes: int | None = None,
+         memory_bandwidth: float | None = None, cost: bool = True) -> Plan:
+    """Compiles the train step for `partitioner`'s mesh from abstract shapes and measures it
+    (`cost`: and XLA's FLOPs and bytes of it, `compiled_cost`: two more compiles)."""
+    import jax
+    import numpy as np
+
+    from olmax import models, perf, trainer
+
+    trainer.check_batch(batch_size, partitioner, microbatches)
+    if length > model.config.max_length:
+        raise ValueError(f"--length={length} exceeds the model's max_length={model.config.max_length}.")
+    setup, state, batch, compiled = compile_step(model, partitioner, batch_size, length, optimizer, microbatches)
     mem = compiled.memory_analysis()
     param_bytes = _sharded_bytes(setup.param_shapes, setup.param_shardings)
     opt_bytes = _sharded_bytes(state["opt_state"], setup.state_shardings["opt_state"])
     batch_bytes = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
     arg_bytes = int(mem.argument_size_in_bytes) if mem is not None else param_bytes + opt_bytes + batch_bytes
     out_bytes = int(mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem is not None else 0
+    flops, accessed = (compiled_cost(model, partitioner, batch_size, length, optimizer, microbatches)
+                       if cost else (0.0, 0.0))
     return Plan(
         mesh=dict(partitioner.mesh.shape),
         batch_size=batch_size,
@@ -211,6 +300,9 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
         total_param_bytes=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                               for x in jax.tree.leaves(setup.param_shapes)),
         collectives=collectives(compiled.as_text()),
+        compiled_flops=flops,
+        compiled_bytes=accessed,
+        memory_bandwidth=memory_bandwidth,
     )
 
 
@@ -275,11 +367,21 @@ def report(p: Plan) -> str:
                      + f"  ({100 * p.needed_bytes / p.device_memory_bytes:.0f}% used)"))
     rows += [
         ("model FLOPs per token", f"{p.model_flops_per_token:.4g}"),
-        ("hardware FLOPs per token", f"{p.hardware_flops_per_token:.4g} (with the recomputed forward)"),
+        ("hardware FLOPs per token", f"{p.hardware_flops_per_token:.4g} (analytic, with the recomputed forward)"),
         ("model FLOPs per device per step", f"{p.model_flops_per_device:.4g}"),
-        ("peak FLOP/s per device", f"{p.peak_flops:.4g}, {100 * p.utilization:.0f}% sustained (assumed)"),
+    ]
+    if p.compiled_flops:
+        rows += [
+            ("XLA FLOPs per device per step", f"{p.compiled_flops:.4g}"),
+            ("XLA bytes accessed per device", f"{p.compiled_bytes:.4g} "
+                                              f"({p.compiled_flops / max(p.compiled_bytes, 1):.0f} FLOPs per byte)"),
+        ]
+    bandwidth = f", {p.memory_bandwidth / 1e9:,.0f} GB/s" if p.memory_bandwidth else ""
+    rows += [
+        ("peak per device", f"{p.peak_flops:.4g} FLOP/s{bandwidth}, {100 * p.utilization:.0f}% sustained (assumed)"),
+        ("step time", f"{p.step_seconds:.3g} s ({p.bound}-bound: compute {p.compute_seconds:.3g} s, "
+                      f"memory {p.memory_seconds:.3g} s)"),
         ("expected MFU", f"{100 * p.expected_mfu:.1f}%"),
-        ("step time", f"{p.step_seconds:.3g} s"),
         ("tokens/s (whole mesh)", f"{p.tokens_per_second:,.0f}"),
         ("collectives (a loop body once)", ", ".join(f"{op} {n} ({_fmt_bytes(b).strip()})"
                                                      for op, (n, b) in sorted(p.collectives.items())) or "none"),
@@ -309,7 +411,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("device_kind", "TPU v4", f"Target chip for peak FLOP/s and memory: one of {sorted(DEVICE_MEMORY_GB)}.")
     flags.DEFINE_float("peak_flops", None, "Peak FLOP/s per device (default: the datasheet figure of --device_kind).")
     flags.DEFINE_float("device_memory_gb", None, "Memory per device in GiB (default: that of --device_kind).")
-    flags.DEFINE_float("utilization", 0.6, "Assumed fraction of peak FLOP/s the chips sustain (for time and MFU).")
+    flags.DEFINE_float("memory_bandwidth_gbs", None, "Memory bandwidth per device in GB/s (default: that of --device_kind).")
+    flags.DEFINE_float("utilization", 0.6, "Assumed fraction of peak FLOP/s and bandwidth the chips sustain (time, MFU).")
     flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead of a table.")
 
 
@@ -330,6 +433,18 @@ def main(argv) -> None:
     fl = flags.FLAGS
     mesh = parse_mesh(fl.mesh)
     n = mesh["data"] * mesh["model"]
+    if n > MAX_SIMULATED_DEVICES:
+        raise SystemExit(
+            f"olmax.plan: --mesh {fl.mesh} asks for {n:,} simulated devices; the planner simulates at most "
+            f"{MAX_SIMULATED_DEVICES:,} (each is a thread of XLA's CPU client, and far more crash it). Per-device "
+            f"figures depend on the model axis and the rows per device, not on the data axis: plan data="
+            f"{max(1, MAX_SIMULATED_DEVICES // mesh['model'] // 8)},model={mesh['model']} with --batch_size scaled "
+            "by the same factor.")
+    for name in ("device_memory_gb", "memory_bandwidth_gbs", "peak_flops"):
+        if getattr(fl, name) is not None and getattr(fl, name) <= 0:
+            raise SystemExit(f"olmax.plan: --{name}={getattr(fl, name)} must be positive.")
+    if not 0 < fl.utilization <= 1:
+        raise SystemExit(f"olmax.plan: --utilization={fl.utilization} must be in (0, 1].")
     # Simulated devices: must be set before the JAX backend starts (olmax.* imports jax, lazily here).
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
@@ -352,12 +467,13 @@ def main(argv) -> None:
                          "give --peak_flops and --device_memory_gb instead.")
     peak = fl.peak_flops or perf.DATASHEET_PEAK[fl.device_kind]
     memory_gb = fl.device_memory_gb if fl.device_memory_gb is not None else DEVICE_MEMORY_GB[fl.device_kind]
+    bandwidth = fl.memory_bandwidth_gbs * 1e9 if fl.memory_bandwidth_gbs else DEVICE_BANDWIDTH.get(fl.device_kind)
     partitioner = partitioning.PjitPartitioner(mesh_shape=mesh, devices=jax.devices()[:n])
     total_steps = _macro("TRAIN_STEPS", None) or 10000  # shapes the LR schedule only, never the memory
     optimizer = functools.partial(optim.create_optimizer, total_steps=total_steps)
     try:
         p = plan(model, partitioner, int(batch_size), int(length), optimizer, int(microbatches), peak,
-                 fl.utilization, int(memory_gb * GIB))
+                 fl.utilization, int(memory_gb * GIB), bandwidth)
     except ValueError as e:
         raise SystemExit(f"olmax.plan: {e}") from None
     print(json.dumps(p.as_dict()) if fl.json else report(p), flush=True)

@@ -41,9 +41,12 @@ class LayerFns:
 
     names: tuple[str, ...]
     fns: tuple[BranchFn, ...]
+    # Unroll the scans over layers (OlmaxConfig.scan_layers=False): no loop in the compiled
+    # program, so XLA's cost analysis counts every layer (it counts a loop body once).
+    unroll: bool = False
 
     def __hash__(self):
-        return hash((self.names, self.fns))
+        return hash((self.names, self.fns, self.unroll))
 
 
 def _branch_rng(rng: Array, i: int) -> Array:
@@ -63,7 +66,7 @@ def _scan_forward(layer: LayerFns, params, x1, x2, ctx, rngs, aux0):
         p, rng = xs
         return _layer_forward(layer, p, *carry[:2], ctx, rng, carry[2]), None
 
-    (y1, y2, aux), _ = jax.lax.scan(body, (x1, x2, aux0), (params, rngs))
+    (y1, y2, aux), _ = jax.lax.scan(body, (x1, x2, aux0), (params, rngs), unroll=layer.unroll)
     return y1, y2, aux
 
 
@@ -101,7 +104,8 @@ def _reversible_bwd(layer, res, g):
             y1, y2, dy1, dy2 = x1, x2, dy2, dy1 + dx2
         return (y1, y2, dy1, dy2), dp
 
-    (_, _, dx1, dx2), dparams = jax.lax.scan(body, (y1, y2, dy1, dy2), (params, rngs), reverse=True)
+    (_, _, dx1, dx2), dparams = jax.lax.scan(body, (y1, y2, dy1, dy2), (params, rngs), reverse=True,
+                                             unroll=layer.unroll)
     return (
         dparams,
         dx1,
@@ -146,7 +150,7 @@ def remat_stack(layer: LayerFns, params, x: Array, ctx, rngs: Array, aux0: dict,
     def body(carry, xs):
         return layer_fn(*carry, *xs), None
 
-    (y, aux), _ = jax.lax.scan(body, (x, aux0), (params, rngs))
+    (y, aux), _ = jax.lax.scan(body, (x, aux0), (params, rngs), unroll=layer.unroll)
     return y, aux
 
 

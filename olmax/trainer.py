@@ -73,6 +73,7 @@ class TrainSetup:
         variables = jax.eval_shape(self._init_fn, jax.random.PRNGKey(random_seed))
         self.logical_specs = axes.logical_axes(variables)
         self.param_shapes = variables["params"]
+        partitioner.check_divisible(self.param_shapes, self.logical_specs)
         self.param_shardings = partitioner.param_shardings(self.logical_specs)
         self.tx = optimizer(axes=self.logical_specs) if optimizer is not None else None
         self.state_shardings = {"step": partitioner.replicated, "params": self.param_shardings}

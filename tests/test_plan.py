@@ -1,4 +1,5 @@
 """The planner: AOT-compiled train step on 8 simulated devices, figures that add up, and the refusal."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,8 +45,42 @@ def test_figures_are_positive_and_add_up(sharded):
     assert p.batch_bytes == 8 * 64 * 5 * 4 // 4
     # The reversible stack recomputes the layers' forward: more hardware than model FLOPs, MFU below utilization.
     assert p.hardware_flops_per_token > p.model_flops_per_token and 0 < p.expected_mfu < p.utilization
-    assert p.step_seconds == pytest.approx(
-        p.hardware_flops_per_token * p.tokens_per_step / p.devices / (p.peak_flops * p.utilization))
+    # No memory bandwidth given: compute-bound, XLA's FLOPs at `utilization` of peak.
+    assert p.bound == "compute" and p.memory_seconds == 0
+    assert p.step_seconds == pytest.approx(p.compiled_flops / (p.peak_flops * p.utilization))
+    # XLA's FLOPs of the whole step (every layer, the recomputed forward) near the analytic count.
+    analytic = p.hardware_flops_per_token * p.tokens_per_step / p.devices
+    assert 0.7 * analytic < p.compiled_flops < 1.5 * analytic and p.compiled_bytes > 0
+
+
+def test_roofline_takes_the_slower_side(sharded):
+    slow_memory = dataclasses.replace(sharded, memory_bandwidth=1e6)
+    assert slow_memory.bound == "memory" and slow_memory.step_seconds == slow_memory.memory_seconds
+    assert slow_memory.memory_seconds == pytest.approx(sharded.compiled_bytes / (1e6 * sharded.utilization))
+    assert slow_memory.expected_mfu < sharded.expected_mfu
+    fast_memory = dataclasses.replace(sharded, memory_bandwidth=1e30)
+    assert fast_memory.bound == "compute" and fast_memory.step_seconds == sharded.step_seconds
+
+
+def test_compiled_cost_counts_every_layer():
+    """XLA counts a loop body once; compiled_cost's depth-1/depth-2 extrapolation equals the cost
+    of the step with all its layers unrolled, and exceeds the scanned program's count."""
+    cfg = dataclasses.replace(CFG, depth=3)
+    partitioner = partitioning.PjitPartitioner(mesh_shape={"data": 1, "model": 1}, devices=jax.devices()[:1])
+    model = models.DecoderOnlyLM(network.Olmax(cfg))
+    flops, accessed = plan.compiled_cost(model, partitioner, 2, 64, _optimizer)
+    unrolled = models.DecoderOnlyLM(network.Olmax(dataclasses.replace(cfg, scan_layers=False)))
+    exact = plan.xla_cost(plan.compile_step(unrolled, partitioner, 2, 64, _optimizer, 1)[3])
+    assert flops == pytest.approx(exact[0], rel=0.01) and accessed == pytest.approx(exact[1], rel=0.05)
+    scanned = plan.xla_cost(plan.compile_step(model, partitioner, 2, 64, _optimizer, 1)[3])
+    assert scanned[0] < 0.8 * flops
+
+
+def test_a_mesh_that_cannot_split_a_parameter_is_named():
+    partitioner = partitioning.PjitPartitioner(mesh_shape={"data": 1, "model": 3}, devices=jax.devices()[:3])
+    with pytest.raises(ValueError, match=r"cannot split parameter decoder/.*'mlp' dimension, 128, is not divisible by 3"
+                                         r"\. Use a model axis that divides 128 \(e\.g\. 2 or 4"):
+        trainer.TrainSetup(models.DecoderOnlyLM(network.Olmax(CFG)), partitioner, (3, 64))
 
 
 def test_parameter_bytes_follow_the_sharding(sharded):
@@ -93,3 +128,14 @@ def test_command_line_refusal_exit_code(tmp_path):
     assert "data=2, model=2 (4 devices)" in proc.stdout and "total needed" in proc.stdout
     assert "Does not fit" in proc.stderr and "--mesh data=1,model=4" in proc.stderr
     assert np.isfinite(float(proc.stdout.split("expected MFU")[1].split("%")[0]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "data=100000"], "asks for 100,000 simulated devices; the planner simulates at most 8,192"),
+    (["--device_memory_gb=-1"], "--device_memory_gb=-1.0 must be positive"),
+])
+def test_command_line_errors_before_any_device(flags, message):
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "olmax.plan", "--gin_file=gin/models/tiny.gin", *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
