@@ -125,9 +125,11 @@ class Plan:
 
     @property
     def compute_seconds(self) -> float:
-        """The step at `utilization` of peak FLOP/s: XLA's FLOPs when measured, else the analytic ones."""
-        flops = self.compiled_flops or self.hardware_flops_per_token * self.tokens_per_step / self.devices
-        return flops / (self.peak_flops * self.utilization)
+        """The step at `utilization` of peak FLOP/s, for the larger of XLA's FLOPs and the analytic
+        count: XLA cannot count a loop whose trip count depends on its index (the attention
+        baseline's tile loops; the analytic count has them, causal half only)."""
+        analytic = self.hardware_flops_per_token * self.tokens_per_step / self.devices
+        return max(self.compiled_flops, analytic) / (self.peak_flops * self.utilization)
 
     @property
     def memory_seconds(self) -> float:
@@ -248,7 +250,9 @@ def compiled_cost(model, partitioner, batch_size: int, length: int, optimizer: C
     counted once per microbatch (a few FLOPs per parameter), and a chunked row's recomputed
     chunks not at all: an estimate of what the accelerator executes, from the CPU compiler's
     program (the accelerator's compiler fuses differently, which moves the bytes more than the
-    FLOPs)."""
+    FLOPs). The attention baseline's blockwise kernel loops over tiles with index-dependent trip
+    counts, which stay loops: its tiles are counted once, their traffic like a fused kernel's
+    (which keeps tiles on chip) and their FLOPs by `Plan.compute_seconds`' analytic floor."""
     cfg = model.config
     rows = batch_size // microbatches
     costs = [xla_cost(compile_step(_with_config(model, depth=n, scan_layers=False,
