@@ -44,10 +44,11 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
         elif cfg.mixer == "recall":
             k, h, r = cfg.block_size, cfg.num_heads, cfg.recall_features
             states = h * mixers.feature_size(r) * (d // h)  # one token into or out of a [F, c] state per head
-            n_blocks = -(-length // k)
+            # Blocks per chunk: the block states are passed along a chunk as one [G, G] matmul.
+            per_chunk = min(-(-length // k), max(1, cfg.recall_chunk // k))
             per_layer += 2 * (4 * d * d + 2 * d * h * r + 2 * d * h)  # projections (q, k, v, out, recall q, k; gate, forget)
             per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; the own block's recall pairs
-            per_layer += 2 * states * (2 + n_blocks / k)  # write, read, and sum the block states
+            per_layer += 2 * states * (2 + per_chunk / k)  # write, read, and pass the block states
         else:
             per_layer += 2 * 4 * d * d + 2 * 2 * length * d  # projections + scores and values
     return cfg.depth * per_layer + 2 * d * cfg.vocab_size
