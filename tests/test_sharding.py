@@ -61,7 +61,8 @@ def _step_collectives(mixer: str) -> dict[str, tuple[int, int]]:
     cfg = network.OlmaxConfig(vocab_size=256, features=256, depth=1, max_length=256, conv_features=256, num_heads=4,
                               mixer=mixer)
     partitioner = partitioning.PjitPartitioner(mesh_shape={"data": 2, "model": 4}, devices=jax.devices())
-    return plan.plan(models.DecoderOnlyLM(network.Olmax(cfg)), partitioner, batch_size=2, length=256).collectives
+    return plan.plan(models.DecoderOnlyLM(network.Olmax(cfg)), partitioner, batch_size=2, length=256,
+                     cost=False).collectives
 
 
 def test_recall_mixer_splits_by_heads_like_attention():

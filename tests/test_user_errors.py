@@ -223,6 +223,8 @@ def test_eval_and_infer_fall_back_from_an_unreadable_checkpoint(trained, tmp_pat
     (record,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert record["step"] == 4 and record["checkpoint"] == f"{model_dir}/4"
     assert os.path.isdir(os.path.join(model_dir, "8"))  # eval and infer never move a user's files
+    if what != "data":  # infer restores through the same fallback as eval: once is enough
+        return
 
     proc = run("olmax.infer", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.infer.infer.max_decode_length=4",
                "--prompt", "def ")
