@@ -91,12 +91,7 @@ def evaluate(
     setting = trainer.checkpoint_setting(restore_checkpoint_cfg)
     directory, groups = trainer.checkpoint_candidates(path, restore_checkpoint_cfg, setting)
     named = trainer.names_one_step(path, restore_checkpoint_cfg)
-    if output_dir:
-        validation.check_output_dir(output_dir, "EVAL_OUTPUT_DIR", "set --gin.EVAL_OUTPUT_DIR to a directory")
-    else:
-        output_dir = validation.check_output_dir(
-            os.path.join(directory, "eval"), "EVAL_OUTPUT_DIR (unset: <checkpoint directory>/eval)",
-            "set --gin.EVAL_OUTPUT_DIR to a directory you can write to")
+    output_dir = validation.output_dir(output_dir, "EVAL_OUTPUT_DIR", directory, "eval")
     setup = trainer.TrainSetup(model, partitioner, (dataset_cfg.batch_size, dataset_cfg.task_feature_lengths["targets"]))
     trainer.check_memory(setup)
     compiled = trainer.make_steps(setup)

@@ -94,12 +94,7 @@ def infer(
     setting = trainer.checkpoint_setting(restore_checkpoint_cfg)
     directory, (candidates,) = trainer.checkpoint_candidates(path, single, setting)
     if prompt is None:
-        if output_dir:
-            validation.check_output_dir(output_dir, "INFER_OUTPUT_DIR", "set --gin.INFER_OUTPUT_DIR to a directory")
-        else:
-            output_dir = validation.check_output_dir(
-                os.path.join(directory, "infer"), "INFER_OUTPUT_DIR (unset: <checkpoint directory>/infer)",
-                "set --gin.INFER_OUTPUT_DIR to a directory you can write to")
+        output_dir = validation.output_dir(output_dir, "INFER_OUTPUT_DIR", directory, "infer")
     setup = trainer.TrainSetup(model, partitioner, (1, model.config.max_length))
     trainer.check_memory(setup)
     named = trainer.names_one_step(path, single)

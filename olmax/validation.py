@@ -152,6 +152,16 @@ def check_output_dir(path: str, name: str, fix: str) -> str:
     return path
 
 
+def output_dir(path: str | None, macro: str, checkpoint_directory: str, default_name: str) -> str:
+    """The output directory of eval or infer, checked (`check_output_dir`): the macro's `path`,
+    or <checkpoint_directory>/<default_name> when it is unset."""
+    if path:
+        return check_output_dir(path, macro, f"set --gin.{macro} to a directory")
+    return check_output_dir(os.path.join(checkpoint_directory, default_name),
+                            f"{macro} (unset: <checkpoint directory>/{default_name})",
+                            f"set --gin.{macro} to a directory you can write to")
+
+
 def check_train_args(*, total_steps, eval_steps, eval_period, stats_period, microbatches, random_seed,
                      max_consecutive_nonfinite) -> None:
     """olmax.train.train's numbers (TRAIN_STEPS and the periods)."""
