@@ -190,7 +190,8 @@ def section(points: list[dict], s: Setup) -> common.Section:
         targets=targets,
         notes=[
             f"Models: features {s.features}, depth {s.depth}, conv_features {cfg.conv_features}, {s.heads} heads, "
-            f"K = sqrt(N) rounded to a power of two, reversible, fp32; parameters at length 256: {params}.",
+            f"K = mixer_block_for(N) (16 at 256, 64 at 1024; rows measured before 2026-12-05 used K = sqrt(N): "
+            f"16 and 32, and no forget gate), reversible, fp32; parameters at length 256: {params}.",
             f"Recipe: steps (column; the claim at {PROTOCOL_STEPS}, a point trained longer has a second row) of "
             f"{s.batch * 256} tokens (batch {s.batch} x 256; fewer, longer rows at 1024), "
             f"AdamW + AGC, LR {s.learning_rate} after {s.warmup_steps} warm-up steps, constant; loss on the answer "
