@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import seqio
 from absl import logging
+
 from olmax import checkpoints, gin_utils, models, multihost, partitioning, trainer, utils, validation
 
 if __name__ == "__main__":

@@ -349,13 +349,20 @@ def checkpoint_setting(cfg: utils.RestoreCheckpointConfig) -> str:
     return "CHECKPOINT_PATH" if cfg.path else "MODEL_DIR"
 
 
+def _step_named_by(path: str) -> int | None:
+    """The step of a path that names one checkpoint: Olmax's `<model_dir>/<step>` or T5X's
+    `<model_dir>/checkpoint_<step>`; None for anything else (a MODEL_DIR)."""
+    path = os.path.normpath(os.fspath(path))
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return int(base)
+    return t5x_checkpoints.step_of(path)
+
+
 def names_one_step(path: str, cfg: utils.RestoreCheckpointConfig) -> bool:
     """True when the user asked for one checkpoint by name (CHECKPOINT_PATH=<dir>/<step> or mode
     'specific'): that one is read or the binary fails; no other step stands in for it."""
-    path = os.path.normpath(os.fspath(path))
-    base = os.path.basename(path)
-    return (cfg.mode == "specific" or (base.isdigit() and os.path.isdir(os.path.join(path, "state")))
-            or t5x_checkpoints.step_of(path) is not None)
+    return cfg.mode == "specific" or _step_named_by(path) is not None
 
 
 def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig,
@@ -364,11 +371,9 @@ def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig,
     `<model_dir>/<step>` and T5X's `<model_dir>/checkpoint_<step>` layouts both work. `setting`
     names where `path` came from in the messages."""
     path = os.path.normpath(os.fspath(path))
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), [int(base)]
-    if t5x_checkpoints.step_of(path) is not None:
-        return os.path.dirname(path), [t5x_checkpoints.step_of(path)]
+    step = _step_named_by(path)
+    if step is not None:
+        return os.path.dirname(path), [step]
     if not os.path.isdir(path):
         fix = ("point it at a MODEL_DIR or a MODEL_DIR/<step>" if setting == "CHECKPOINT_PATH"
                else "point it at a trained run's directory, or set CHECKPOINT_PATH")
