@@ -338,7 +338,7 @@ def throughput(s: Sizes, out: str) -> Section:
             f"{s.tp_tokens} / length, at least 1); tokens/s from the min over {s.tp_repeats} runs, the "
             "mixers alternating, after a warm-up run.",
             f"Model: features {s.tp_features}, depth {s.tp_depth}, conv then mixer, reversible, fp32; "
-            f"mixer block K = sqrt(N) rounded to a power of 2; 4 heads (recall: {cfg.recall_features} recall "
+            f"mixer block K = network.mixer_block_for(N) (both mixers); 4 heads (recall: {cfg.recall_features} recall "
             "features per head) / 4 axial groups; attention 4 heads with rotary.",
             f"Equal parameters: the attention model's conv width is {att.conv_features} instead of "
             f"{cfg.conv_features} so that it has the recall model's parameter count: "
