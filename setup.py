@@ -33,7 +33,7 @@ setuptools.setup(
     extras_require={
         # cached_property .. jaxtyping: what upstream T5X imports beyond Olmax's own
         # dependencies (tests/test_t5x_interop.py runs T5X's binaries from its source).
-        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.8",
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "matplotlib>=3.8",
                  "cached_property", "chex", "fiddle", "jaxtyping"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
