@@ -186,7 +186,7 @@ def trained(tmp_path_factory):
     proc = run("olmax.train", *TINY_MODEL, f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=8",
                "--gin.train.train.stats_period=4", "--gin.train.train.eval_period=0",
                "--gin.utils.SaveCheckpointConfig.period=4", "--gin.utils.SaveCheckpointConfig.keep=None",
-               "--gin.optim.create_optimizer.warmup_steps=2")
+               "--gin.optim.create_optimizer.warmup_steps=2", "--gin.train.train.peak_flops=1e11")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return model_dir
 
