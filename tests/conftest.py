@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -34,3 +35,15 @@ LONGEST_FIRST = [
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
+
+
+@pytest.fixture(scope="session")
+def binaries_compile_cache(tmp_path_factory) -> dict:
+    """Environment variables for the binaries a test file starts (subprocesses): one JAX
+    compilation cache per xdist worker, so that a binary started again with the same model and
+    settings loads the XLA programs the first start compiled (about 4 s of a tiny run's 12)
+    instead of compiling them again. A program that differs in anything misses the cache and
+    is compiled, so what a run computes is the same; the cache lives in this session's
+    basetemp only."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_compilation_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}

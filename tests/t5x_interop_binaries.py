@@ -34,6 +34,9 @@ T5X_MOE_GIN = "gin/t5x/olmax_moe.gin"
 MODEL_GIN = "gin/models/tiny.gin"  # Olmax's model file of the same network
 
 
+COMPILE_CACHE: dict = {}  # set by the test modules from conftest.binaries_compile_cache
+
+
 def require_t5x() -> None:
     """Skips the calling test module (at its import) unless OLMAX_T5X_DIR names a T5X source tree."""
     if not T5X_DIR or not os.path.isfile(os.path.join(T5X_DIR, "t5x", "train.py")):
@@ -45,12 +48,14 @@ def require_t5x() -> None:
 
 
 def env(devices: int = 1) -> dict:
-    """The subprocesses' environment: the checkout and tests/ first on PYTHONPATH, `devices` CPU devices."""
+    """The subprocesses' environment: the checkout and tests/ first on PYTHONPATH, `devices` CPU devices,
+    COMPILE_CACHE's JAX compilation cache."""
     out = dict(os.environ)
     out["PYTHONPATH"] = os.pathsep.join([REPO, TESTS] + [p for p in [out.get("PYTHONPATH")] if p])
     out["PYTHON"] = sys.executable  # for t5x-run
     out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     out.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    out.update(COMPILE_CACHE)
     return out
 
 

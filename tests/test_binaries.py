@@ -20,8 +20,17 @@ SMALL = [
 ]
 
 
+CACHE = {}  # the binaries started here share compiled programs (conftest.binaries_compile_cache)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(binaries_compile_cache):
+    CACHE.update(binaries_compile_cache)
+
+
 def run(module, *args, cwd=REPO, env=None, check=True):
-    environment = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    environment = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", **CACHE,
+                       **(env or {}))
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

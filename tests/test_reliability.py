@@ -33,6 +33,12 @@ TINY = [
 ENV = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(binaries_compile_cache):
+    """The binaries started here share compiled programs (conftest.binaries_compile_cache)."""
+    ENV.update(binaries_compile_cache)
+
+
 def start(model_dir, steps, *extra):
     return subprocess.Popen([sys.executable, "-m", "olmax.train", *TINY, f"--gin.MODEL_DIR={model_dir}",
                              f"--gin.TRAIN_STEPS={steps}", *extra], cwd=REPO, env=ENV,

@@ -36,6 +36,12 @@ assert TASK == t5x_interop_tasks.TASK
 # ---------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(binaries_compile_cache):
+    """The binaries started here share compiled programs (conftest.binaries_compile_cache)."""
+    binaries.COMPILE_CACHE.update(binaries_compile_cache)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A T5X MODEL_DIR trained 4 steps from gin/t5x/olmax_decoder_only.gin as written."""

@@ -25,6 +25,12 @@ pytestmark = pytest.mark.slow
 binaries.require_t5x()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(binaries_compile_cache):
+    """The binaries started here share compiled programs (conftest.binaries_compile_cache)."""
+    binaries.COMPILE_CACHE.update(binaries_compile_cache)
+
+
 def test_olmax_checkpoint_scores_the_same_in_t5x(tmp_path):
     model_dir, exported = str(tmp_path / "olmax_model"), str(tmp_path / "exported")
     olmax(
@@ -32,6 +38,7 @@ def test_olmax_checkpoint_scores_the_same_in_t5x(tmp_path):
         f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='olmax_stdlib'",
         "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
         "--gin.train.train.eval_steps=1", "--gin.optim.create_optimizer.warmup_steps=1",
+        "--gin.train.train.peak_flops=1e11",
     )
     out = olmax("t5x_checkpoints", f"--checkpoint={model_dir}/2", f"--output={exported}")
     assert os.path.join(exported, "checkpoint_2") in out

@@ -14,6 +14,12 @@ from olmax import checkpoints, gin_utils, optim, utils, validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(binaries_compile_cache):
+    """The binaries started here share compiled programs (conftest.binaries_compile_cache)."""
+    ENV.update(binaries_compile_cache)
 TINY_MODEL = ["--gin_file=gin/quickstart.gin", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=2",
               "--gin.network.OlmaxConfig.depth=2", "--gin.network.OlmaxConfig.features=32",
               "--gin.network.OlmaxConfig.conv_features=32"]
