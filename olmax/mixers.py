@@ -504,7 +504,8 @@ class RecallMixer(nn.Module):
 
     A decode step keeps the last K keys and values [b, K, h, c] and the recall state
     [b, h, F, c] with its normalizer [b, h, F] (fp32): both decay by a_t, then the new
-    position enters them.
+    position enters them, as compensated sums (their rounding errors kept beside them in the
+    compute dtype, `compensated_decay_add`), so a long decode does not drift from the forward.
     O(K c + F c) per head and token.
     """
 
@@ -531,10 +532,12 @@ class RecallMixer(nn.Module):
             window = {n: cache_variable(self, decode, n, (bsz, block, h, c), cfg.dtype, by_head)
                       for n in ("keys", "values")}
             feats = feature_size(r)
-            state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32,
-                                   ("activation_batch", "activation_heads", None, None))
-            norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32,
-                                  ("activation_batch", "activation_heads", None))
+            state_axes = ("activation_batch", "activation_heads", None, None)
+            state = cache_variable(self, decode, "state", (bsz, h, feats, c), jnp.float32, state_axes)
+            norm = cache_variable(self, decode, "norm", (bsz, h, feats), jnp.float32, state_axes[:3])
+            # What fp32 rounding took from them: their compensations (see `compensated_decay_add`).
+            errs = (cache_variable(self, decode, "state_err", (bsz, h, feats, c), cfg.dtype, state_axes),
+                    cache_variable(self, decode, "norm_err", (bsz, h, feats), cfg.dtype, state_axes[:3]))
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
         # One matmul for the projections: [b,t,d] -> [b,t,h,3c + 2r + 2] -> q, k, v, ql, kl, gate, forget.
@@ -546,7 +549,7 @@ class RecallMixer(nn.Module):
         log_decay = -jax.nn.softplus(f[..., 0].astype(jnp.float32) + forget_bias)  # [b,t,h], <= 0
         q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
         if decode == "step":
-            y = recall_step(window, state, norm, q, k, v, ql, kl, gate, log_decay, ctx.positions[:, 0])
+            y = recall_step(window, state, norm, errs, q, k, v, ql, kl, gate, log_decay, ctx.positions[:, 0])
         else:
             y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block, log_decay=log_decay, chunk=cfg.recall_chunk)
             if decode == "prefill":
@@ -561,21 +564,44 @@ class RecallMixer(nn.Module):
                 fk = quadratic_features(kl) * (gate * prompt * jnp.exp(after))[..., None]  # [b,t,h,F]
                 state.value = jnp.einsum("bthf,bthc->bhfc", fk, v.astype(jnp.float32))
                 norm.value = jnp.sum(fk, axis=1)
+                for err in errs:  # a blocked sum (matmul): nothing to carry
+                    err.value = jnp.zeros_like(err.value)
         return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
 
 
-def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, q, k, v, ql, kl, gate, log_decay,
-                t: Array) -> Array:
+def compensated_decay_add(total: Array, err: Array, decay_m1: Array, x: Array) -> tuple[Array, Array]:
+    """(total, err) <- a (total + err) + x, a = 1 + decay_m1, as Kahan's compensated sum: `total`
+    fp32, `err` (any float dtype) what its rounding has lost so far.
+
+    A decode step adds one token to the recall state and its normalizer, one fp32 sum per token,
+    where the full forward sums a block at a time in matmuls. Plain, the steps would drift from
+    the forward twice over, both growing with the number of steps n: each add rounds (~n eps),
+    and a head that (nearly) never forgets (forget_init's head 0: 1 - a ~ 2e-9) would not decay
+    at all, since a rounds to 1.0 in fp32 where the forward's cumulative log-decay does not
+    (2e-4 of the state after 1e5 tokens). Here the decay enters as decay_m1 total, added like
+    the token, and `err` carries both roundings into the next step: the error stays at a few
+    eps whatever n (tests/test_decoding.py measures 1e5 steps against a float64 sum). `err`
+    kept in the compute dtype still recovers all but ~2^-8 of what was lost in bf16."""
+    y = x + decay_m1 * total + (1.0 + decay_m1) * err.astype(jnp.float32)
+    new = total + y
+    return new, (y - (new - total)).astype(err.dtype)
+
+
+def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, errs: tuple, q, k, v, ql, kl, gate,
+                log_decay, t: Array) -> Array:
     """One position t [b] per row of the recall mixer from its cache; q, k, v, ql, kl [b, 1, h, *],
     gate, log_decay [b, 1, h] -> [b, 1, h, c]. The window holds positions t-K..t-1 before the step,
-    t-K+1..t after; the recall state every position < t (decayed to t-1) before, <= t after."""
+    t-K+1..t after; the recall state every position < t (decayed to t-1) before, <= t after.
+    errs: the state's and the normalizer's compensations (`compensated_decay_add`)."""
     keys, values = (slide(window[n], a.astype(window[n].value.dtype)) for n, a in (("keys", k), ("values", v)))
     block = keys.shape[1] - 1
-    decay = jnp.exp(log_decay[:, 0])  # [b,h]
+    decay_m1 = jnp.expm1(log_decay[:, 0])  # [b,h]: a - 1, exact where a itself would round to 1
     entering = quadratic_features(kl[:, 0]) * gate[:, 0, :, None]  # [b,h,F]
-    state.value = decay[..., None, None] * state.value + jnp.einsum("bhf,bhc->bhfc", entering,
-                                                                    v[:, 0].astype(jnp.float32))
-    norm.value = decay[..., None] * norm.value + entering
+    state_err, norm_err = errs
+    state.value, state_err.value = compensated_decay_add(
+        state.value, state_err.value, decay_m1[..., None, None],
+        jnp.einsum("bhf,bhc->bhfc", entering, v[:, 0].astype(jnp.float32)))
+    norm.value, norm_err.value = compensated_decay_add(norm.value, norm_err.value, decay_m1[..., None], entering)
     keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
     c = q.shape[-1]
     logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from olmax import decoding, models, network
+from olmax import decoding, layers, mixers, models, network
 
 BASE = network.OlmaxConfig(
     vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
@@ -225,8 +225,8 @@ def test_cache_axes_partition_the_cache(mixer):
     flat = flax.traverse_util.flatten_dict(named)
     assert flat.pop(("cache_index",)) == ((), ())
     # Two leaves per conv and per axial or attention mixer (the recall mixer: its window's keys and
-    # values, its state and normalizer), none for MoE.
-    assert len(flat) == (6 if mixer == "recall" else 4) * BASE.depth
+    # values, its state and normalizer and their two compensations), none for MoE.
+    assert len(flat) == (8 if mixer == "recall" else 4) * BASE.depth
     for path, (shape, names) in flat.items():
         assert len(names) == len(shape) and names[0] == "activation_batch", path
         assert set(names) - {None} <= set(axes.ACTIVATION_AXES), path
@@ -247,6 +247,78 @@ def test_cache_axes_partition_the_cache(mixer):
         name, spec = heads[mixer]
         (branch,) = (v for k, v in layer.items() if k.startswith("mixer_"))
         assert branch["mixer"][name].sharding.spec == spec
+
+
+def _mixer_decode(mixer, params, x):
+    """(full forward, one decode step per position) of a lone mixer over x [b, L, d], one segment per row."""
+    b, length, _ = x.shape
+    ctx = layers.Context(segment_ids=jnp.ones((b, length), jnp.int32), positions=jnp.broadcast_to(jnp.arange(length), (b, length)))
+    full = mixer.apply({"params": params}, x, ctx)[0]
+    cache = mixer.apply({"params": params}, x, ctx, decode="init", mutable=["cache"])[1]["cache"]
+
+    def body(cache, xt_t):
+        xt, t = xt_t
+        step_ctx = layers.Context(segment_ids=jnp.ones((b, 1), jnp.int32), positions=jnp.full((b, 1), t))
+        (y, _), state = mixer.apply({"params": params, "cache": cache}, xt, step_ctx, decode="step", mutable=["cache"])
+        return state["cache"], y[:, 0]
+
+    cache, ys = jax.lax.scan(body, cache, (jnp.swapaxes(x, 0, 1)[:, :, None], jnp.arange(length)))
+    return full, jnp.swapaxes(ys, 0, 1), cache
+
+
+@pytest.mark.parametrize("mixer_name", ["recall", "attention"])
+def test_bf16_decoding_equals_the_forward_within_rounding(mixer_name):
+    """In bf16, each decode step's output is the full forward's to within bf16 rounding (two
+    units in the last place at the outputs' scale), and both are that close to the fp32
+    forward of the same parameters: the two paths sum the same terms, in other orders. A state
+    or window kept in bf16, or a sum rounded to bf16 on one path only, breaks it."""
+    cfg = network.OlmaxConfig(vocab_size=64, features=64, depth=1, max_length=64, mixer=mixer_name, mixer_block=8,
+                              mixer_heads=2, num_heads=2, dtype=jnp.bfloat16, recall_chunk=16, attention_block=16)
+    module = mixers.MIXERS[mixer_name](cfg)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 40, cfg.features)).astype(cfg.dtype)  # as the block's norm gives it
+    ctx = layers.Context(segment_ids=jnp.ones((2, 40), jnp.int32), positions=jnp.broadcast_to(jnp.arange(40), (2, 40)))
+    params = module.init(jax.random.PRNGKey(0), x, ctx)["params"]
+    if "w_forget" in params:  # a decay that depends on the token
+        params = dict(params, w_forget=0.3 * jax.random.normal(jax.random.PRNGKey(3), params["w_forget"].shape))
+    full, dec, _ = jax.jit(functools.partial(_mixer_decode, module))(params, x)
+    assert full.dtype == dec.dtype == jnp.bfloat16
+    f32 = dataclasses.replace(cfg, dtype=jnp.float32)
+    ref = mixers.MIXERS[mixer_name](f32).apply({"params": params}, x.astype(jnp.float32), ctx)[0]
+    bound = 2 * 2.0**-8 * float(jnp.abs(ref).max())
+    full, dec = np.asarray(full, np.float32), np.asarray(dec, np.float32)
+    assert np.abs(full - dec).max() <= bound
+    assert np.abs(full - ref).max() <= bound and np.abs(dec - ref).max() <= bound
+
+
+def test_long_recall_decode_does_not_drift():
+    """20,000 decode steps: the recall state and normalizer equal their float64 sums, decay
+    included, to a few fp32 eps. Plain fp32 adds lost ~2e-5 of them here (~1e-4 at 1e5 steps),
+    half from rounding and half from the never-forgetting head's decay (1 - a ~ 2e-9), which
+    rounds to no decay at all in a plain fp32 step."""
+    n, b, d = 20_000, 2, 16
+    cfg = network.OlmaxConfig(vocab_size=64, features=d, depth=1, max_length=n, mixer="recall", mixer_block=8,
+                              mixer_heads=2, num_heads=2, recall_features=4)
+    module = mixers.RecallMixer(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(1), (b, n, d))
+    ctx = layers.Context(segment_ids=jnp.ones((b, 8), jnp.int32), positions=jnp.broadcast_to(jnp.arange(8), (b, 8)))
+    params = module.init(jax.random.PRNGKey(0), x[:, :8], ctx)["params"]
+    _, _, cache = jax.jit(functools.partial(_mixer_decode, module))(params, x)
+    # The same sums in float64: sum_s g_s (a_{s+1} .. a_n) phi(kl_s) [v_s, 1].
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    x = np.asarray(x, np.float64)
+    proj = lambda w: np.einsum("btd,dhe->bthe", x, w)  # noqa: E731
+    kl, v = proj(p["wk_recall"]), proj(p["wv"])
+    gate = 1.0 / (1.0 + np.exp(-(proj(p["w_write_gate"])[..., 0] + p["b_write_gate"])))
+    log_decay = -np.logaddexp(0.0, proj(p["w_forget"])[..., 0] + p["b_forget"])  # [b,t,h]
+    later = np.cumsum(log_decay[:, ::-1], axis=1)[:, ::-1] - log_decay  # log a_{s+1} + .. + log a_n
+    r = kl.shape[-1]
+    phi = np.stack([kl[..., i] * kl[..., j] / np.sqrt(2 * r if i == j else r) for i in range(r) for j in range(i, r)], -1)
+    weight = gate * np.exp(later)
+    assert np.exp(later[:, 0, 0]).min() < 1 - 1e-5  # head 0's decay over the row is visible in fp32 terms
+    for name, want in (("norm", np.einsum("bthf,bth->bhf", phi, weight)),
+                       ("state", np.einsum("bthf,bth,bthc->bhfc", phi, weight, v))):
+        err = np.abs(np.asarray(cache[name], np.float64) - want).max() / np.abs(want).max()
+        assert err < 1e-6, (name, err)
 
 
 def test_decode_errors_name_the_fix():
