@@ -11,7 +11,7 @@ step already consumed; run the jitted, donated train step; every `stats_period`
 steps log a console line and TensorBoard scalars; every `eval_period` steps
 evaluate on the validation split; save every checkpoint `period` and at the end.
 SIGTERM (preemption) or a first Ctrl-C finishes the current step, saves, and exits 0;
-a second Ctrl-C stops at once. A save that fails (a full disk) stops the run with one
+a second Ctrl-C stops before the next step without saving, a third exits at once. A save that fails (a full disk) stops the run with one
 message. Every start keeps its Gin config as MODEL_DIR/config_start_<step>.gin.
 One trainer at a time writes a MODEL_DIR (olmax.lease); `--force` takes it over.
 """
@@ -232,6 +232,7 @@ def train(
         try:
             with trainer.Preemption() as preemption:
                 for step in range(start + 1, total_steps + 1):
+                    preemption.stop_if_aborted()
                     run_lease.check()  # taken over (--force): stop before this run's saves overwrite the other's
                     if profile_steps and step == profile_steps[0]:
                         jax.profiler.start_trace(os.path.join(model_dir, "profile"))
@@ -253,13 +254,15 @@ def train(
                         step % eval_period == 0 or step == total_steps)
                     if save or evaluate:
                         jax.block_until_ready(state)  # the step's own time stays in the training time
+                        preemption.stop_if_aborted()
                         t0 = time.time()
                         if save:  # before eval: a failing eval never costs this checkpoint
                             run_lease.check()
                             ckpt.save(step, state)
                         if evaluate:
                             log.write_eval(step, trainer.evaluate(state["params"], train_eval_dataset_cfg,
-                                                                  partitioner, eval_steps, steps.eval))
+                                                                  partitioner, eval_steps, steps.eval,
+                                                                  preemption.stop_if_aborted))
                         log.excluded += time.time() - t0
                     if stop:
                         logging.warning("Saved step %d after %s; rerun the same command to resume.", step,

@@ -17,7 +17,8 @@ each other (T5X splits its trainer.py / utils.py from its binaries the same way)
   check_split         a split gives at least one full batch (before step 1);
   check_memory        parameters and optimizer state fit in a device (before they exist);
   metric_writer       TensorBoard events (the console gets Olmax's own short lines);
-  Preemption          SIGTERM or Ctrl-C: finish the step, save, exit;
+  Preemption          SIGTERM or Ctrl-C: finish the step, save, exit (twice: stop
+                      without saving; three times: exit now);
   run_meta, fmt_metrics, fmt_seconds.
 """
 from __future__ import annotations
@@ -275,8 +276,9 @@ def check_split(cfg: utils.DatasetConfig, partitioner: partitioning.PjitPartitio
 
 
 def evaluate(params: Any, cfg: utils.DatasetConfig, partitioner: partitioning.PjitPartitioner, steps: int | None,
-             eval_step: Callable) -> dict[str, float]:
+             eval_step: Callable, before_batch: Callable[[], None] | None = None) -> dict[str, float]:
     """Token-weighted mean metrics over `steps` batches of `cfg`'s split (None: the whole split).
+    `before_batch` runs before each batch (the trainer's `Preemption.stop_if_aborted`).
 
     With several processes each reads its shard, and shards may hold different numbers
     of batches: before every batch the processes agree that all of them have one, and
@@ -287,6 +289,8 @@ def evaluate(params: Any, cfg: utils.DatasetConfig, partitioner: partitioning.Pj
     weight = 0.0
     local = _split_batches(cfg, partitioner)
     for _ in range(steps if steps is not None else np.iinfo(np.int64).max):
+        if before_batch is not None:
+            before_batch()
         batch = next(local, None)
         if not multihost.all_processes(batch is not None):
             break
@@ -416,7 +420,15 @@ def load_params(setup: TrainSetup, directory: str, steps: Sequence[int],
 
 class Preemption:
     """SIGTERM or a first Ctrl-C -> finish the current step, checkpoint, exit cleanly;
-    a second Ctrl-C raises KeyboardInterrupt at once.
+    a second Ctrl-C -> stop before the next step (or eval batch) without saving
+    (`stop_if_aborted` raises KeyboardInterrupt there); a third -> exit at once (status 130).
+
+    The handler never raises itself: a Python signal handler also runs inside native code
+    that polls for signals (jaxlib does, while a step is dispatched), and an exception
+    raised there can abort the process (SIGABRT, a core dump) instead of unwinding. The
+    training loop raises at its own points instead, where the exception unwinds through
+    Python only. A third Ctrl-C is for a main thread stuck in native code (a long compile):
+    `os._exit`, no unwinding; checkpoints are written atomically, so the saved ones stay.
 
     With several processes every host must stop at the same step (saving is
     collective): JAX's preemption service (started by jax.distributed) catches
@@ -427,8 +439,9 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
+        self.aborted = False
         self.reason = "SIGTERM"
-        self._interrupted = False
+        self._interrupts = 0
         self._previous: dict[int, Any] = {}
         self._multihost = jax.process_count() > 1
 
@@ -442,6 +455,11 @@ class Preemption:
                 logging.warning("Multi-host preemption handling is off: %s", e)
                 self._multihost = False
         return self.requested
+
+    def stop_if_aborted(self) -> None:
+        """Raises KeyboardInterrupt after a second Ctrl-C: call it where unwinding is safe."""
+        if self.aborted:
+            raise KeyboardInterrupt("second Ctrl-C")
 
     def __enter__(self):
         handlers = {signal.SIGINT: self._interrupt}
@@ -459,12 +477,17 @@ class Preemption:
         self.requested = True
 
     def _interrupt(self, signum, frame):
-        if self._interrupted:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt("second Ctrl-C")
-        self._interrupted = True
-        logging.warning("Ctrl-C: finishing this step, saving a checkpoint and exiting; press Ctrl-C again to stop at "
-                        "once without saving.")
+        self._interrupts += 1
+        if self._interrupts >= 3:
+            os.write(2, b"Third Ctrl-C: exiting now, without saving; the checkpoints already saved are intact.\n")
+            os._exit(130)
+        if self._interrupts == 2:
+            self.aborted = True
+            logging.warning("Second Ctrl-C: stopping before the next step, without saving; press Ctrl-C a third "
+                            "time to exit at once.")
+            return
+        logging.warning("Ctrl-C: finishing this step, saving a checkpoint and exiting; press Ctrl-C again to stop "
+                        "without saving.")
         if self._multihost:
             os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service: every host stops at one step
         else:

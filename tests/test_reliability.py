@@ -301,6 +301,35 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
                         r"step \d+|no checkpoint was saved)\. Rerun the same command to resume from it\.", last), last
 
 
+
+PRESSES = """
+import os, signal
+from olmax import trainer
+with trainer.Preemption() as p:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert p.requested and not p.aborted
+    p.stop_if_aborted()
+    os.kill(os.getpid(), signal.SIGINT)  # the handler itself must not raise (native code may be polling)
+    assert p.aborted
+    try:
+        p.stop_if_aborted()
+        raise SystemExit(3)
+    except KeyboardInterrupt as e:
+        print("raised:", e, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    print("still running", flush=True)
+"""
+
+
+def test_ctrl_c_presses_save_then_stop_then_exit_without_raising_in_the_handler():
+    """First: a save is requested; second: stop_if_aborted raises, the handler does not;
+    third: the process exits at once with status 130."""
+    proc = subprocess.run([sys.executable, "-c", PRESSES], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["raised: second Ctrl-C"], proc.stdout
+    assert "Third Ctrl-C: exiting now" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
 @pytest.mark.slow
 def test_each_start_keeps_its_config_and_a_changed_schedule_is_reported(tmp_path):
     model_dir = tmp_path / "run"
