@@ -11,8 +11,8 @@ step already consumed; run the jitted, donated train step; every `stats_period`
 steps log a console line and TensorBoard scalars; every `eval_period` steps
 evaluate on the validation split; save every checkpoint `period` and at the end.
 SIGTERM (preemption) or a first Ctrl-C finishes the current step, saves, and exits 0;
-a second Ctrl-C stops before the next step without saving, a third exits at once. A save that fails (a full disk) stops the run with one
-message. Every start keeps its Gin config as MODEL_DIR/config_start_<step>.gin.
+a second Ctrl-C stops before the next step without saving, a third exits at once. A
+save that fails (a full disk) stops the run with one message. Every start keeps its Gin config as MODEL_DIR/config_start_<step>.gin.
 One trainer at a time writes a MODEL_DIR (olmax.lease); `--force` takes it over.
 """
 from __future__ import annotations

@@ -439,7 +439,6 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
-        self.aborted = False
         self.reason = "SIGTERM"
         self._interrupts = 0
         self._previous: dict[int, Any] = {}
@@ -455,6 +454,11 @@ class Preemption:
                 logging.warning("Multi-host preemption handling is off: %s", e)
                 self._multihost = False
         return self.requested
+
+    @property
+    def aborted(self) -> bool:
+        """A second Ctrl-C came: stop before the next step without saving."""
+        return self._interrupts >= 2
 
     def stop_if_aborted(self) -> None:
         """Raises KeyboardInterrupt after a second Ctrl-C: call it where unwinding is safe."""
@@ -482,7 +486,6 @@ class Preemption:
             os.write(2, b"Third Ctrl-C: exiting now, without saving; the checkpoints already saved are intact.\n")
             os._exit(130)
         if self._interrupts == 2:
-            self.aborted = True
             logging.warning("Second Ctrl-C: stopping before the next step, without saving; press Ctrl-C a third "
                             "time to exit at once.")
             return

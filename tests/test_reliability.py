@@ -301,7 +301,6 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
                         r"step \d+|no checkpoint was saved)\. Rerun the same command to resume from it\.", last), last
 
 
-
 PRESSES = """
 import os, signal
 from olmax import trainer
@@ -329,6 +328,7 @@ def test_ctrl_c_presses_save_then_stop_then_exit_without_raising_in_the_handler(
     assert proc.returncode == 130, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.splitlines() == ["raised: second Ctrl-C"], proc.stdout
     assert "Third Ctrl-C: exiting now" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
 
 @pytest.mark.slow
 def test_each_start_keeps_its_config_and_a_changed_schedule_is_reported(tmp_path):
