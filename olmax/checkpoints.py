@@ -205,6 +205,9 @@ class Checkpointer:
         (training), left in place otherwise (eval, infer), and the next step is tried.
         A config mismatch is raised: it means the wrong model, not a bad file.
         """
+        # Before the first read: a failed read's siblings can be reported while that read
+        # is still raising, before the except below runs (CI saw one such traceback).
+        _quiet_abandoned_tasks()
         for i, step in enumerate(steps):
             try:
                 state, meta = self.restore(step, abstract_state, partial=partial)
@@ -218,7 +221,6 @@ class Checkpointer:
                 where = "" if moved == "(left in place)" else f"moved it to {moved}; "
                 logging.warning("Checkpoint %s/%d is unreadable (could not be loaded: %s); %s%s.",
                                 self.directory, step, reason[:300], where, nxt)
-            _quiet_abandoned_tasks()
         return None
 
     def _set_aside(self, step: int) -> str:
@@ -251,9 +253,9 @@ def _quiet_abandoned_tasks() -> None:
     error; the sibling reads or writes fail the same way later, unawaited, and Python
     reports each as "Task exception was never retrieved" or "coroutine ... was never
     awaited", after the binary's own one-line error. That error (or the warning logged
-    for an unreadable step) already names the cause, so these repeats are dropped: once a
-    read has failed, and from the start in a process that saves, since a failed write's
-    siblings can be reported before the save error reaches the training loop. Olmax runs
+    for an unreadable step) already names the cause, so these repeats are dropped, from
+    before the first read and from the start in a process that saves: a failed read's or
+    write's siblings can be reported before its own error reaches our code. Olmax runs
     no other asyncio tasks.
     """
     if not any(isinstance(f, _AbandonedTasks) for f in asyncio.log.logger.filters):

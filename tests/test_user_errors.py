@@ -457,3 +457,22 @@ def test_infer_prompt_that_is_not_utf8_and_a_missing_model_dir_named_as_such(tmp
     proc = run("olmax.infer", *TINY_MODEL, f"--gin.MODEL_DIR={tmp_path / 'nope'}", "--prompt", "def ")
     assert_one_line_error(proc, "olmax.infer", f"MODEL_DIR='{tmp_path / 'nope'}' does not exist; point it at a "
                                                "trained run's directory, or set CHECKPOINT_PATH.")
+
+
+def test_echoes_of_a_failed_read_are_silenced_before_the_first_read(tmp_path, monkeypatch):
+    """A failed read's siblings can be reported while the read is still raising (CI saw
+    asyncio's "Task exception was never retrieved" traceback before the warning): the
+    filter must be in place when the first read starts, not after it failed."""
+    import asyncio
+
+    monkeypatch.setattr(asyncio.log.logger, "filters", [])
+    ckpt = checkpoints.Checkpointer(str(tmp_path), None, {})
+    installed_at_read = []
+
+    def failing_read(step, abstract_state, partial=False):
+        installed_at_read.append(any(isinstance(f, checkpoints._AbandonedTasks) for f in asyncio.log.logger.filters))
+        raise ValueError("OUT_OF_RANGE: truncated")
+
+    monkeypatch.setattr(ckpt, "restore", failing_read)
+    assert ckpt.restore_first_readable([8, 4], {}) is None
+    assert installed_at_read == [True, True]
