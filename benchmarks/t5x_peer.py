@@ -3,6 +3,7 @@ own binary (`python -m olmax.train` and T5X's `train.py` through ../shared/peers
 
     python -m benchmarks.t5x_peer quality [--steps 600] [--corpus '/usr/share/vim/vim90/doc/*.txt']
     python -m benchmarks.t5x_peer speed [--lengths 256,1024,4096,8192] [--steps 10] [--merge] [--xla_flags ...]
+                                        [--peer tiny|matched]
 
 quality  gin/models/tiny.gin + gin/runs/pretrain.gin (Olmax's defaults) against
          benchmarks/t5x/transformer_tiny.gin + T5X's configs/runs/pretrain.gin (T5X's
@@ -16,10 +17,12 @@ speed    training tokens/s (non-padding target tokens) at each length, same task
          --xla_flags sets XLA_FLAGS for both binaries (for example XLA:CPU's memory-optimized
          scheduler: T5X's step buffers at 8192 take 15 GiB with it, 27.6 without). A run that
          pages to swap is reported with the GiB it wrote there; where T5X did, its claim rests
-         on T5X's speed at the next shorter length instead (see `swap_bound`).
+         on T5X's speed at the next shorter length instead (see `swap_bound`). --peer matched
+         races T5X at Olmax tiny's depth and width (benchmarks/t5x/transformer_tiny_matched.gin)
+         instead of the 6-layer transformer_tiny.gin, against its own targets (SPEED_TARGETS).
 
 T5X is found through OLMAX_T5X_RUN (the runner script) or ../shared/peers/t5x-run beside
-the checkout. Writes benchmarks/results/t5x_{quality,speed}.{md,json}.
+the checkout. Writes benchmarks/results/t5x_{quality,speed,speed_matched}.{md,json}.
 """
 from __future__ import annotations
 
@@ -40,7 +43,14 @@ from benchmarks import common
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "benchmarks", "results")
 CORPUS = "/usr/share/vim/vim90/doc/*.txt"
-T5X_GIN = os.path.join(REPO, "benchmarks", "t5x", "transformer_tiny.gin")
+# The T5X transformer to race (--peer): as shipped in the issue's first comparison (6 layers), or
+# at Olmax tiny's own depth and width (4 layers), each with its own speed targets.
+PEERS = {"tiny": "transformer_tiny.gin", "matched": "transformer_tiny_matched.gin"}
+SPEED_TARGETS = {"tiny": {256: 1.0, 4096: 3.0, 8192: 5.0}, "matched": {256: 1.2, 4096: 5.0, 8192: 12.0}}
+
+
+def t5x_gin(peer: str = "tiny") -> str:
+    return os.path.join(REPO, "benchmarks", "t5x", PEERS[peer])
 
 
 def t5x_runner() -> str:
@@ -57,10 +67,11 @@ def macros(model_dir: str, length: int, batch: int, steps: int, quote: bool) -> 
             f"--gin.BATCH_SIZE={batch}", "--gin.USE_CACHED_TASKS=False"]
 
 
-def t5x_command(model_dir: str, length: int, batch: int, steps: int, eval_period: int, eval_steps: int) -> list[str]:
+def t5x_command(model_dir: str, length: int, batch: int, steps: int, eval_period: int, eval_steps: int,
+                peer: str = "tiny") -> list[str]:
     runner = t5x_runner()
-    return [runner, "train", f"--gin_search_paths={os.path.join(os.path.dirname(runner), 't5x')}",
-            f"--gin_file={T5X_GIN}", "--gin_file=t5x/configs/runs/pretrain.gin",
+    return [runner, "train", f"--gin_search_paths={os.path.join(os.path.dirname(runner), 't5x')},"
+            f"{os.path.dirname(t5x_gin(peer))}", f"--gin_file={t5x_gin(peer)}", "--gin_file=t5x/configs/runs/pretrain.gin",
             *macros(model_dir, length, batch, steps, quote=True), "--gin.MIXTURE_OR_TASK_MODULE='olmax.tasks'",
             f"--gin.train.eval_period={eval_period}", f"--gin.train.eval_steps={eval_steps}",
             f"--gin.utils.SaveCheckpointConfig.period={steps}"]
@@ -174,12 +185,13 @@ def swap_bound(rows: list[list], length: int) -> tuple[int, float] | None:
     return n[0], olmax / n[4]
 
 
-def speed_targets(rows: list[list], swapped: dict[int, tuple[str, ...]]) -> list[common.Target]:
-    """The speed claims at 256, 4096 and 8192 from rows [length, batch, steps, Olmax, T5X, ratio];
-    swapped: {length: binaries that paged to swap there}. Olmax swapping voids its claim; T5X
-    swapping makes the claim rest on `swap_bound` (the measured ratio is shown, not relied on)."""
+def speed_targets(rows: list[list], swapped: dict[int, tuple[str, ...]], peer: str = "tiny") -> list[common.Target]:
+    """The speed claims at 256, 4096 and 8192 (SPEED_TARGETS[peer]) from rows [length, batch,
+    steps, Olmax, T5X, ratio]; swapped: {length: binaries that paged to swap there}. Olmax
+    swapping voids its claim; T5X swapping makes the claim rest on `swap_bound` (the measured
+    ratio is shown, not relied on)."""
     targets = []
-    for n, want in {256: 1.0, 4096: 3.0, 8192: 5.0}.items():
+    for n, want in SPEED_TARGETS[peer].items():
         for r in (r for r in rows if r[0] == n and r[5] is not None):
             measured, met = f"{r[5]:.2f}x", r[5] >= want
             if "olmax" in swapped.get(n, ()):
@@ -195,7 +207,8 @@ def speed_targets(rows: list[list], swapped: dict[int, tuple[str, ...]]) -> list
 
 def speed(args, log) -> common.Section:
     rows, earlier, notes, swapped = [], "", [], {}
-    previous = common.read_section(args.out, "t5x_speed") if args.merge else None
+    name_of_section = "t5x_speed" if args.peer == "tiny" else f"t5x_speed_{args.peer}"
+    previous = common.read_section(args.out, name_of_section) if args.merge else None
     if previous:  # rows this run does not re-measure
         rows = [r for r in previous["data"]["rows"] if str(r[0]) not in args.lengths.split(",")]
         swapped = {int(n): tuple(names) for n, names in previous["data"].get("swapped", {}).items()
@@ -209,8 +222,8 @@ def speed(args, log) -> common.Section:
             res = {}
             for name in order:
                 model_dir = os.path.join(tmp, f"{name}_{length}")
-                make = olmax_command if name == "olmax" else t5x_command
-                cmd = make(model_dir, length, batch, 2 * args.steps, args.steps, 1)
+                cmd = (olmax_command(model_dir, length, batch, 2 * args.steps, args.steps, 1) if name == "olmax"
+                       else t5x_command(model_dir, length, batch, 2 * args.steps, args.steps, 1, args.peer))
                 try:
                     _, swap = run(cmd, args.corpus, log, args.xla_flags)
                 except RuntimeError as e:  # a binary that does not fit this machine at this length
@@ -235,17 +248,19 @@ def speed(args, log) -> common.Section:
             log(f"  N={length}: Olmax {res['olmax']} tok/s, T5X {res['t5x']} tok/s (ratio {ratio})")
     rows.sort(key=lambda r: r[0])
     return common.Section(
-        name="t5x_speed",
-        title="Training speed against upstream T5X's transformer",
+        name=name_of_section,
+        title="Training speed against upstream T5X's transformer"
+              + (" at Olmax's depth and width" if args.peer == "matched" else ""),
         header=["length", "batch", "timed steps", "Olmax tok/s", "T5X tok/s", "Olmax / T5X"],
         rows=rows,
-        targets=speed_targets(rows, swapped),
+        targets=speed_targets(rows, swapped, args.peer),
         notes=[
             f"Each binary trains 2 x (timed steps) steps of {args.tokens} tokens (batch = {args.tokens} / length) on "
             f"`text_files` over `{args.corpus}`, packed; tokens/s over the second half, as each binary "
             "reports it (Olmax: tokens_per_second; T5X: timing/target_tokens_per_second; both count the "
             "non-padding target tokens). The two binaries alternate which runs first at each length.",
-            "Olmax: gin/models/tiny.gin with max_length = the length; T5X: benchmarks/t5x/transformer_tiny.gin.",
+            "Olmax: gin/models/tiny.gin with max_length = the length (K = mixer_block_for(length), README's "
+            f"choice); T5X: benchmarks/t5x/{PEERS[args.peer]}.",
         ] + ([f"Both binaries ran with XLA_FLAGS={args.xla_flags} at the lengths of this run."] if args.xla_flags else [])
         + notes + ([earlier] if earlier else []),
         data={"rows": rows, "swapped": swapped, "xla_flags": args.xla_flags},
@@ -260,7 +275,10 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="256,1024,4096,8192")
     parser.add_argument("--tokens", type=int, default=8192, help="speed: tokens per step")
     parser.add_argument("--corpus", default=CORPUS)
-    parser.add_argument("--merge", action="store_true", help="speed: keep t5x_speed.json's rows of other lengths")
+    parser.add_argument("--merge", action="store_true", help="speed: keep the section's rows of other lengths")
+    parser.add_argument("--peer", default="tiny", choices=sorted(PEERS),
+                        help="speed: T5X's transformer as first compared (tiny: 6 layers) or at Olmax tiny's depth "
+                             "and width (matched: 4 layers); each has its own section and targets")
     parser.add_argument("--xla_flags", default="", help="speed: XLA_FLAGS for both binaries, e.g. "
                         "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
     parser.add_argument("--out", default=OUT)

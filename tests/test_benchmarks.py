@@ -280,3 +280,8 @@ def test_t5x_speed_claims_rest_on_a_bound_where_t5x_swapped():
     assert not claims["8192"].met and claims["8192"].measured == "20.00x (Olmax swapped)"
     # A length where T5X ran out of memory has no ratio and no claim.
     assert "8192" not in by_length(t5x_peer.speed_targets(rows[:2] + [row(8192, 4000.0, None)], {}))
+    # Against T5X at Olmax's own depth and width the bars are higher: 1.2x, 5x, 12x.
+    matched = by_length(t5x_peer.speed_targets([row(256, 1150.0, 1000.0), row(4096, 5000.0, 1000.0),
+                                                row(8192, 4000.0, 300.0)], {}, "matched"))
+    assert [(matched[n].target, matched[n].met) for n in ("256", "4096", "8192")] == [
+        (">= 1.2x", False), (">= 5x", True), (">= 12x", True)]
