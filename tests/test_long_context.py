@@ -41,9 +41,17 @@ def test_distance_section_writes_every_cell(tmp_path):
     assert len(section.rows) == 2 * 3  # (64, 256) x (near, mid, far)
     assert all(isinstance(x, float) and 0 <= x for row in section.rows for x in row[3:])
     assert [t.claim.split(":")[0] for t in section.targets][-1].startswith("length generalization")
-    saved = json.loads((tmp_path / "long_context_distance.json").read_text())
+    saved = json.loads((tmp_path / "long_context_distance_64.json").read_text())
     assert saved["rows"] == [list(r) for r in section.rows]
     assert lc.distance_config("recall", s).block_size == network.mixer_block_for(64)
+
+
+def test_length_generalization_reads_16L_or_the_next_longer_and_the_longest():
+    assert lc.generalization_factors((1, 4, 16, 64)) == [16, 64]
+    assert lc.generalization_factors((1, 4, 32, 128)) == [32, 128]  # no 16L: the shortest beyond it
+    assert lc.generalization_factors((1, 16)) == [16]
+    assert lc.generalization_factors((1, 4)) == [4]
+    assert lc.generalization_factors((1,)) == []
 
 
 def test_step_prediction_extrapolates_growth():
