@@ -91,7 +91,6 @@ def evaluate(
     path = trainer.checkpoint_path(restore_checkpoint_cfg, model_dir)
     setting = trainer.checkpoint_setting(restore_checkpoint_cfg)
     directory, groups = trainer.checkpoint_candidates(path, restore_checkpoint_cfg, setting)
-    named = trainer.names_one_step(path, restore_checkpoint_cfg)
     output_dir = validation.output_dir(output_dir, "EVAL_OUTPUT_DIR", directory, "eval")
     setup = trainer.TrainSetup(model, partitioner, (dataset_cfg.batch_size, dataset_cfg.task_feature_lengths["targets"]))
     trainer.check_memory(setup)
@@ -103,8 +102,8 @@ def evaluate(
     for candidates in groups:
         try:
             step, params = trainer.load_params(
-                setup, directory, candidates, "skipping it" if every else
-                f"no other step is tried: {setting} asks for this one" if named else "no earlier checkpoint is left")
+                setup, directory, candidates,
+                "skipping it" if every else trainer.when_none_left(path, restore_checkpoint_cfg, setting))
         except checkpoints.NoReadableCheckpointError:
             if every:
                 continue

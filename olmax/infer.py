@@ -97,10 +97,7 @@ def infer(
         output_dir = validation.output_dir(output_dir, "INFER_OUTPUT_DIR", directory, "infer")
     setup = trainer.TrainSetup(model, partitioner, (1, model.config.max_length))
     trainer.check_memory(setup)
-    named = trainer.names_one_step(path, single)
-    step, params = trainer.load_params(setup, directory, candidates,
-                                       f"no other step is tried: {setting} asks for this one" if named
-                                       else "no earlier checkpoint is left")
+    step, params = trainer.load_params(setup, directory, candidates, trainer.when_none_left(path, single, setting))
     vocab = model.vocabulary
     rng = jax.random.PRNGKey(random_seed)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, eos_id=1)

@@ -369,6 +369,13 @@ def names_one_step(path: str, cfg: utils.RestoreCheckpointConfig) -> bool:
     return cfg.mode == "specific" or _step_named_by(path) is not None
 
 
+def when_none_left(path: str, cfg: utils.RestoreCheckpointConfig, setting: str) -> str:
+    """What eval and infer say after an unreadable checkpoint when no step can stand in for it."""
+    if names_one_step(path, cfg):
+        return f"no other step is tried: {setting} asks for this one"
+    return "no earlier checkpoint is left"
+
+
 def checkpoint_steps(path: str, cfg: utils.RestoreCheckpointConfig,
                      setting: str = "CHECKPOINT_PATH") -> tuple[str, list[int]]:
     """(directory of checkpoints, the steps to read) for CHECKPOINT_PATH and `cfg.mode`; Olmax's
