@@ -287,10 +287,12 @@ class Trainee:
                  data: Callable[[int], dict], val: list[dict], learning_rate: float = 3e-3, warmup_steps: int = 20,
                  seed: int = 0):
         self.name, self.cfg, self.data, self.val, self.seed = name, cfg, data, val, seed
+        self._optimizer_args = (learning_rate, warmup_steps)
         t = time.perf_counter()
         program = _program(cfg, tuple(batch_shape), learning_rate, warmup_steps)
         self.lm, self.partitioner, self.params = program.lm, program.partitioner, program.params
         self._step, self._eval = program.step, program.evaluate
+        self.batch_shape = tuple(batch_shape)
         self.state = jax.device_put(*_initial_state(program, seed))  # a fresh copy: the step donates it
         self.compile_seconds = time.perf_counter() - t
         self.step = 0
@@ -298,6 +300,18 @@ class Trainee:
         self.step_times: list[float] = []
         self.curve: list[Point] = []
         self._losses: list[float] = []
+
+    def reshape(self, batch_shape: tuple[int, int]) -> None:
+        """Go on training on batches of another (batch, length), as a length curriculum does:
+        the step is compiled for the new shape; the state (parameters, optimizer moments, step
+        count, hence the schedule) carries over unchanged."""
+        if tuple(batch_shape) == self.batch_shape:
+            return
+        t = time.perf_counter()
+        program = _program(self.cfg, tuple(batch_shape), *self._optimizer_args)
+        self.partitioner, self._step, self._eval = program.partitioner, program.step, program.evaluate
+        self.batch_shape = tuple(batch_shape)
+        self.compile_seconds += time.perf_counter() - t
 
     def _batch(self, i: int) -> dict[str, jax.Array]:
         b = self.data(i)

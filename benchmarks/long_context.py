@@ -2,6 +2,8 @@
 
     python -m benchmarks.long_context                                  # both sections, defaults below
     python -m benchmarks.long_context --sections distance --length 2048 --steps 600
+    python -m benchmarks.long_context --sections distance --length 8192 --curriculum 256:2000 --steps 2600 \
+        --pairs 8 --tokens_per_step 4096 --attention_eval_max 32768
     python -m benchmarks.long_context --sections longest --model tiny --max_row 524288
 
   distance  Recall at distance and length generalization. Each row: P key-value pairs
@@ -14,7 +16,11 @@
             on the same batches; each is then evaluated on held-out rows at the training length
             L and at longer lengths (4L, 16L: length generalization) with the pairs near, mid-way
             and at the start of the row (D = L/16, L/2 and L - 4P): answer accuracy and bits per
-            answer by distance.
+            answer by distance. --curriculum 256:2000 trains the first 2000 steps on 256-token
+            rows (same tokens per step, so more rows), then the rest at L: how long-context
+            models are trained, and what makes L = 8192 trainable here (at one row a step the
+            lookup is not learned from scratch). --attention_eval_max bounds attention's
+            evaluation rows (its forward is O(N^2): ~40 s a 128k row on 2 cores).
   longest   One real training step (loss, gradient, AdamW update) at batch 1 of the tiny (or
             small) model, doubling the row from 16k tokens, recall mixer vs the attention
             baseline (blockwise on a CPU): compiled temp memory, step seconds, tokens/s. A row
@@ -98,6 +104,25 @@ class DistanceSetup:
     learning_rate: float = 3e-3
     val_rows: int = 16
     seed: int = 0
+    # A length curriculum: (length, steps) stages trained, in order, before the rows of `length`
+    # (at the same tokens per step); `steps` counts them.
+    curriculum: tuple[tuple[int, int], ...] = ()
+    attention_eval_max: int = 0  # evaluate attention on rows up to this long (0: all); its forward is O(N^2)
+
+    def stage(self, step: int) -> tuple[int, int]:
+        """(row length, the step where that stage ends) at training step `step`."""
+        end = 0
+        for length, steps in self.curriculum:
+            end += steps
+            if step < end:
+                return length, end
+        return self.length, self.steps
+
+    def rows_per_step(self, length: int) -> int:
+        return max(1, self.tokens_per_step // length)
+
+    def evaluates(self, mixer: str, length: int) -> bool:
+        return mixer != "attention" or not self.attention_eval_max or length <= self.attention_eval_max
 
 
 def distance_config(mixer: str, s: DistanceSetup) -> network.OlmaxConfig:
@@ -122,18 +147,22 @@ def score(cfg, params, rows: list) -> tuple[float, float]:
 
 
 def distance(s: DistanceSetup, out: str, mixers=("recall", "attention")) -> Section:
-    batch = max(1, s.tokens_per_step // s.length)
+    if sum(n for _, n in s.curriculum) >= s.steps:
+        raise ValueError(f"The curriculum {s.curriculum} takes all {s.steps} steps: raise --steps past its "
+                         f"{sum(n for _, n in s.curriculum)} so that some train at {s.length}.")
     train_rng = np.random.RandomState([s.seed, 0])
     cache: list[dict] = []
 
     def data(i: int) -> dict:
         while len(cache) <= i:
-            cache.append(batch_of([distance_row(train_rng, s.length, s.pairs,
-                                                train_rng.randint(s.length - 4 * s.pairs + 1)) for _ in range(batch)]))
+            length = s.stage(len(cache))[0]
+            cache.append(batch_of([distance_row(train_rng, length, s.pairs, train_rng.randint(length - 4 * s.pairs + 1))
+                                   for _ in range(s.rows_per_step(length))]))
         return cache[i]
 
-    trainees = [common.Trainee(m, distance_config(m, s), (batch, s.length), data, [], learning_rate=s.learning_rate,
-                               warmup_steps=50, seed=s.seed) for m in mixers]
+    first = s.stage(0)[0]
+    trainees = [common.Trainee(m, distance_config(m, s), (s.rows_per_step(first), first), data, [],
+                               learning_rate=s.learning_rate, warmup_steps=50, seed=s.seed) for m in mixers]
     curves: dict[str, list] = {t.name: [] for t in trainees}
     val = {(f, name): [distance_row(np.random.RandomState([s.seed, 1, f, i]), s.length * f, s.pairs, gap)
                        for i in range(s.val_rows)]
@@ -141,10 +170,12 @@ def distance(s: DistanceSetup, out: str, mixers=("recall", "attention")) -> Sect
     section = None
     while any(t.step < s.steps for t in trainees):
         for t in trainees:
-            t.train(min(s.chunk, s.steps - t.step))
+            length, end = s.stage(t.step)
+            t.reshape((s.rows_per_step(length), length))
+            t.train(min(s.chunk, end - t.step))
             acc, bits = score(t.cfg, t.state["params"], val[1, "far"])
             curves[t.name].append((t.step, acc, bits))
-            log(f"  {t.name:9s} step {t.step:5d}  far answers at L: accuracy {acc:.3f}, {bits:.3f} bits "
+            log(f"  {t.name:9s} step {t.step:5d} (rows of {length})  far answers at L: accuracy {acc:.3f}, {bits:.3f} bits "
                 f"({t.seconds:.0f} s, load {common.load():.1f})")
         section = _distance_section(s, trainees, curves, val, final=all(t.step >= s.steps for t in trainees))
         write(out, section)
@@ -163,7 +194,7 @@ def _distance_section(s: DistanceSetup, trainees, curves, val, final: bool) -> S
     res: dict[tuple[str, int, str], tuple[float, float]] = {}
     for t in trainees:
         for (f, name), rows in val.items():
-            if final or f == 1:
+            if (final or f == 1) and s.evaluates(t.name, s.length * f):
                 res[t.name, f, name] = score(t.cfg, t.state["params"], rows)
     rows_out = []
     for f in s.eval_factors:
@@ -174,11 +205,11 @@ def _distance_section(s: DistanceSetup, trainees, curves, val, final: bool) -> S
             rows_out.append(row)
     targets = []
     names = [t.name for t in trainees]
-    if "recall" in names and (("recall", 1, "far") in res):
+    if "recall" in names and ("recall", 1, "far") in res:
         acc, bits = res["recall", 1, "far"]
         targets.append(Target(f"recall mixer, trained at {s.length}: far answers' accuracy", ">= 0.95", f"{acc:.3f}",
                               acc >= 0.95))
-        if "attention" in names:
+        if ("attention", 1, "far") in res:
             att_bits = res["attention", 1, "far"][1]
             targets.append(Target(f"recall mixer bits per far answer vs attention's at {s.length}, equal steps",
                                   "<= +0.1", f"{bits - att_bits:+.3f} ({bits:.3f} vs {att_bits:.3f})",
@@ -206,21 +237,27 @@ def _distance_section(s: DistanceSetup, trainees, curves, val, final: bool) -> S
     name = f"long_context_distance_{s.length}"  # one table per training length
     plot = common.save_figure(fig, RESULTS_OUT[0], f"{name}.png")
     step = min(t.step for t in trainees)
+    stages = "".join(f"{n} steps at length {length} ({s.rows_per_step(length)} rows per step), then "
+                     for length, n in s.curriculum)
+    trained = sum(n for _, n in s.curriculum)
+    skipped = [s.length * f for f in s.eval_factors if not s.evaluates("attention", s.length * f)]
     return Section(
         name=name,
         title="Long context: recall at distance and length generalization",
         header=["eval length", "pairs at", "distance"] + [f"{n} {k}" for n in names for k in ("accuracy", "bits/answer")],
         rows=rows_out, targets=targets, plots=[plot],
         notes=[
-            f"Trained {step} steps at length {s.length}, {max(1, s.tokens_per_step // s.length)} rows per step, "
-            f"{s.pairs} pairs per row at a uniformly random distance, loss on the answers only; "
+            f"Trained {stages}{max(0, step - trained)} steps at length {s.length}, {s.rows_per_step(s.length)} rows "
+            f"per step{' (a length curriculum: one model throughout)' if s.curriculum else ''}, {s.pairs} pairs per row at a uniformly random distance, loss on the answers only; "
             f"model: features {s.features}, depth {s.depth}, {s.heads} heads, K = {network.mixer_block_for(s.length)} "
             "(from the training length), equal parameters (attention's conv width adjusted).",
             f"Evaluation: {s.val_rows} held-out rows per cell; 'distance' is the gap between a pair and its "
             "query block plus 2 P (every answer is within 2 P tokens of it). Rows longer than the training "
             f"length ({', '.join(str(s.length * f) for f in s.eval_factors if f > 1)}) are never trained on: "
             "length generalization. Attention uses rotary positions, so these rows reach angles it never saw.",
-        ] + ([] if all(t.step >= s.steps for t in trainees) else ["In progress: longer rows are scored at the end."]),
+        ] + ([f"Attention is not evaluated at {', '.join(map(str, skipped))} tokens (--attention_eval_max "
+              f"{s.attention_eval_max}): its forward is O(N^2)."] if skipped and "attention" in names else [])
+          + ([] if all(t.step >= s.steps for t in trainees) else ["In progress: longer rows are scored at the end."]),
         data={"curves": curves, "results": {f"{m}/{f}/{n}": v for (m, f, n), v in res.items()}},
     )
 
@@ -360,6 +397,18 @@ def write(out: str, section: Section) -> None:
     common.write_section(out, section, context())
 
 
+def parse_curriculum(text: str) -> tuple[tuple[int, int], ...]:
+    """'256:1500,1024:500' -> ((256, 1500), (1024, 500))."""
+    stages = []
+    for part in filter(None, text.split(",")):
+        try:
+            length, steps = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise SystemExit(f"--curriculum {text!r}: each stage is LENGTH:STEPS, e.g. 256:1500") from None
+        stages.append((length, steps))
+    return tuple(stages)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default="distance,longest")
@@ -371,6 +420,10 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens_per_step", type=int, default=DistanceSetup.tokens_per_step)
     parser.add_argument("--val_rows", type=int, default=DistanceSetup.val_rows)
     parser.add_argument("--features", type=int, default=DistanceSetup.features)
+    parser.add_argument("--curriculum", default="",
+                        help="distance: LENGTH:STEPS,... stages trained first (e.g. 256:1500), then --length")
+    parser.add_argument("--attention_eval_max", type=int, default=0,
+                        help="distance: longest evaluation row for attention (0: every length)")
     parser.add_argument("--mixers", default="recall,attention")
     parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="longest: the model")
     parser.add_argument("--first_row", type=int, default=16384)
@@ -389,7 +442,8 @@ def main(argv=None) -> None:
     if "distance" in sections:
         s = DistanceSetup(length=args.length, eval_factors=tuple(int(f) for f in args.eval_factors.split(",")),
                           pairs=args.pairs, steps=args.steps, chunk=args.chunk, tokens_per_step=args.tokens_per_step,
-                          val_rows=args.val_rows, features=args.features)
+                          val_rows=args.val_rows, features=args.features, curriculum=parse_curriculum(args.curriculum),
+                          attention_eval_max=args.attention_eval_max)
         log(common.section_markdown(distance(s, args.out, tuple(args.mixers.split(","))), context()))
     if "longest" in sections:
         sec = longest(args.model, args.first_row, args.max_row, args.memory_gib, args.step_limit_s, args.out,

@@ -31,19 +31,37 @@ def test_distance_row_layout(gap):
 
 
 def test_distance_section_writes_every_cell(tmp_path):
-    """A 2-step run of both mixers scores every (eval length, distance) cell and checks its targets."""
+    """A 3-step run of both mixers, the first step on shorter rows (a length curriculum), scores
+    every (eval length, distance) cell but attention's beyond its limit, and checks its targets."""
     lc.RESULTS_OUT[0] = str(tmp_path)
     lc.CONTEXT.update(command="test", hardware={"cpu": "x", "cores": 1, "device": "cpu", "jax": "", "python": ""},
                       start=0.0, load0=0.0)
     s = lc.DistanceSetup(length=64, eval_factors=(1, 4), pairs=2, features=16, depth=1, tokens_per_step=128,
-                         steps=2, chunk=2, val_rows=1)
+                         steps=3, chunk=2, val_rows=1, curriculum=((32, 1),), attention_eval_max=64)
     section = lc.distance(s, str(tmp_path))
     assert len(section.rows) == 2 * 3  # (64, 256) x (near, mid, far)
-    assert all(isinstance(x, float) and 0 <= x for row in section.rows for x in row[3:])
+    for row in section.rows:  # recall accuracy, bits, attention accuracy, bits
+        scored = row[3:] if row[0] == 64 else row[3:5]
+        assert all(isinstance(x, float) and 0 <= x for x in scored)
+        assert row[0] == 64 or row[5:] == [None, None]
+    assert "1 steps at length 32 (4 rows per step), then 2 steps at length 64" in section.notes[0]
+    assert "not evaluated at 256 tokens" in section.notes[2]
     assert [t.claim.split(":")[0] for t in section.targets][-1].startswith("length generalization")
     saved = json.loads((tmp_path / "long_context_distance_64.json").read_text())
     assert saved["rows"] == [list(r) for r in section.rows]
     assert lc.distance_config("recall", s).block_size == network.mixer_block_for(64)
+
+
+def test_curriculum_stages_and_their_errors():
+    s = lc.DistanceSetup(length=1024, steps=100, tokens_per_step=4096, curriculum=((256, 30), (512, 20)))
+    assert [s.stage(i) for i in (0, 29, 30, 49, 50, 99)] == [(256, 30), (256, 30), (512, 50), (512, 50),
+                                                              (1024, 100), (1024, 100)]
+    assert [s.rows_per_step(n) for n in (256, 1024, 8192)] == [16, 4, 1]
+    assert lc.parse_curriculum("256:30,512:20") == s.curriculum and lc.parse_curriculum("") == ()
+    with pytest.raises(SystemExit, match="LENGTH:STEPS"):
+        lc.parse_curriculum("256")
+    with pytest.raises(ValueError, match="raise --steps past its 100"):
+        lc.distance(lc.DistanceSetup(length=64, steps=100, curriculum=((32, 100),)), "unused")
 
 
 def test_length_generalization_reads_16L_or_the_next_longer_and_the_longest():
