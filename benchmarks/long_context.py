@@ -237,8 +237,11 @@ def _distance_section(s: DistanceSetup, trainees, curves, val, final: bool) -> S
     name = f"long_context_distance_{s.length}"  # one table per training length
     plot = common.save_figure(fig, RESULTS_OUT[0], f"{name}.png")
     step = min(t.step for t in trainees)
-    stages = "".join(f"{n} steps at length {length} ({s.rows_per_step(length)} rows per step), then "
-                     for length, n in s.curriculum)
+    def rows(length: int) -> str:
+        n = s.rows_per_step(length)
+        return f"{n} row{'s' if n > 1 else ''} per step"
+
+    stages = "".join(f"{n} steps at length {length} ({rows(length)}), then " for length, n in s.curriculum)
     trained = sum(n for _, n in s.curriculum)
     skipped = [s.length * f for f in s.eval_factors if not s.evaluates("attention", s.length * f)]
     return Section(
@@ -247,8 +250,8 @@ def _distance_section(s: DistanceSetup, trainees, curves, val, final: bool) -> S
         header=["eval length", "pairs at", "distance"] + [f"{n} {k}" for n in names for k in ("accuracy", "bits/answer")],
         rows=rows_out, targets=targets, plots=[plot],
         notes=[
-            f"Trained {stages}{max(0, step - trained)} steps at length {s.length}, {s.rows_per_step(s.length)} rows "
-            f"per step{' (a length curriculum: one model throughout)' if s.curriculum else ''}, {s.pairs} pairs per row at a uniformly random distance, loss on the answers only; "
+            f"Trained {stages}{max(0, step - trained)} steps at length {s.length}, {rows(s.length)}"
+            f"{' (a length curriculum: one model throughout)' if s.curriculum else ''}, {s.pairs} pairs per row at a uniformly random distance, loss on the answers only; "
             f"model: features {s.features}, depth {s.depth}, {s.heads} heads, K = {network.mixer_block_for(s.length)} "
             "(from the training length), equal parameters (attention's conv width adjusted).",
             f"Evaluation: {s.val_rows} held-out rows per cell; 'distance' is the gap between a pair and its "
