@@ -219,6 +219,19 @@ def validation_rows(docs: dict[str, np.ndarray], names: list[str], length: int) 
     return {n: batch_of([docs[n][:length]]) for n in names if docs[n].size >= length}
 
 
+def second_halves(docs: dict[str, np.ndarray], names: list[str], length: int) -> dict[str, dict[str, np.ndarray]]:
+    """The second half of each validation row (bytes length/2 .. length of its document) as a row
+    of its own: the same bytes scored without the first half before them."""
+    return {n: batch_of([docs[n][length // 2:length]]) for n in names if docs[n].size >= length}
+
+
+def context_gain(bits: np.ndarray, alone: np.ndarray) -> float:
+    """Bits per byte that a row's first half saves on its second half: the second half scored
+    alone (`alone` [rows, length/2]) minus the same bytes scored after the first half (`bits`
+    [rows, length]). > 0 where the model reads the earlier document."""
+    return float(alone.mean() - bits[:, bits.shape[1] - alone.shape[1]:].mean())
+
+
 def bucket_edges(length: int) -> list[int]:
     """Position buckets [e_i, e_i+1) covering 0..length: 0, f, 2f, 4f, ..., length with f = 1024
     (f = length // 8 for rows shorter than 8192, so that there are always 4 or more)."""
@@ -283,6 +296,7 @@ def run(s: Setup, corpus: str, out: str, command: str) -> Section:
     train_names, val_names = split(list(docs), s.val_fraction)
     train = TrainRows([docs[n] for n in train_names], s.length, s.batch, s.seed)
     val = validation_rows(docs, val_names, s.length)
+    halves = second_halves(docs, val_names, s.length)
     if not val:
         raise ValueError(f"no validation document of at least {s.length} bytes in {corpus}")
     corpus_info = {"folder": corpus, "documents": len(docs), "bytes": int(sum(d.size for d in docs.values())),
@@ -303,10 +317,10 @@ def run(s: Setup, corpus: str, out: str, command: str) -> Section:
             t.train(min(s.chunk, s.steps - t.step))
             bits = position_bits(t, val)
             point = {"step": t.step, "seconds": t.seconds, "bpb": float(bits.mean()),
-                     "buckets": bucket_bpb(bits, edges)}
+                     "buckets": bucket_bpb(bits, edges), "context_gain": context_gain(bits, position_bits(t, halves))}
             curves[t.name].append(point)
             log(f"  {t.name:9s} step {t.step:5d}  held-out bpb {point['bpb']:.3f}  by position "
-                + " ".join(f"{b:.3f}" for b in point["buckets"])
+                + " ".join(f"{b:.3f}" for b in point["buckets"]) + f", first half saves {point['context_gain']:.3f}"
                 + f"  ({t.seconds:.0f} s, step {np.median(t.step_times):.2f} s, load {common.load():.1f})")
         order.reverse()
         section = _section(s, trainees, curves, edges, corpus_info)
@@ -329,7 +343,7 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
         b = p["buckets"]
         falls = sum(y < x for x, y in itertools.pairwise(b))
         rows.append([t.name, t.params, step, float(np.median(t.step_times)), p["bpb"], *b, b[-1] - b[0],
-                     f"{falls} of {len(b) - 1}"])
+                     f"{falls} of {len(b) - 1}", p["context_gain"]])
     targets = []
     if "recall" in at and "attention" in at:
         r, a = at["recall"]["bpb"], at["attention"]["bpb"]
@@ -340,6 +354,11 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
         targets.append(Target(f"recall mixer's loss keeps falling through the row: bpb at {labels[-1]} vs "
                               f"{labels[1]}", "lower", f"{b[-1]:.3f} vs {b[1]:.3f} ({b[-1] - b[1]:+.3f})",
                               b[-1] < b[1]))
+        gain = at["recall"]["context_gain"]
+        targets.append(Target(f"recall mixer reads the document: bpb on bytes {s.length // 2}-{s.length} after the "
+                              f"first {s.length // 2} vs alone", "lower", f"{gain:.3f} bits per byte saved"
+                              + (f" (attention: {at['attention']['context_gain']:.3f})" if "attention" in at else ""),
+                              gain > 0))
     done = all(t.step >= s.steps for t in trainees)
     cfg = configs(s)["recall"]
     val = corpus["validation"]
@@ -347,7 +366,7 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
         name="long_lm",
         title=f"Long-context language modelling: held-out bits per byte by position ({s.length}-byte rows)",
         header=["mixer", "params", "steps", "step s", "held-out bpb"] + [f"bpb {x}" for x in labels]
-        + ["last - first bucket", "bucket-to-bucket falls"],
+        + ["last - first bucket", "bucket-to-bucket falls", f"bits saved on {s.length // 2}-{s.length} by 0-{s.length // 2}"],
         rows=rows, targets=targets, plots=["long_lm.png"],
         notes=[
             f"Corpus: `{corpus['folder']}`, {corpus['documents']} documents of >= {s.min_bytes:,} bytes, "
@@ -366,7 +385,9 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
             ("Evaluation: each held-out row is the first bytes of its document (position in the row = position "
              "in the document); bits per byte over every byte, and over each position bucket. A manual opens with "
              "its Top node (title, often the copying notice, the menu), so the first bucket holds its most "
-             "predictable text; the claim compares the last bucket with the second."),
+             "predictable text; the claim compares the last bucket with the second. Position mixes what the model "
+             "reads with what the document says there; the last column separates them: the second half of "
+             "each row scored as a row of its own, minus the same bytes scored after the first half."),
         ] + ([] if done else [f"In progress: step {step} of {s.steps}."]),
         data={"setup": dataclasses.asdict(s), "edges": edges, "curves": curves, "corpus": corpus},
     )

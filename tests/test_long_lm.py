@@ -71,6 +71,15 @@ def test_split_rows_and_buckets(tmp_path):
     assert long_lm.bucket_bpb(bits, edges)[0] == pytest.approx(bits[:, :16].mean())
 
 
+def test_context_gain_compares_the_same_bytes_with_and_without_the_first_half():
+    bits = np.array([[9.0, 9.0, 1.0, 2.0], [9.0, 9.0, 3.0, 2.0]])  # [rows, length]
+    alone = np.array([[4.0, 4.0], [4.0, 4.0]])  # the second halves scored as rows of their own
+    assert long_lm.context_gain(bits, alone) == pytest.approx(4.0 - 2.0)
+    docs = {"a": np.arange(10, dtype=np.uint8), "b": np.arange(3, dtype=np.uint8)}
+    halves = long_lm.second_halves(docs, ["a", "b"], 8)
+    assert list(halves) == ["a"] and (halves["a"]["decoder_target_tokens"][0] - 3).tolist() == [4, 5, 6, 7]
+
+
 def test_two_step_run_writes_a_row_per_mixer(tmp_path):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     corpus.mkdir()
@@ -84,7 +93,8 @@ def test_two_step_run_writes_a_row_per_mixer(tmp_path):
     buckets = [r[5:5 + len(long_lm.bucket_edges(128)) - 1] for r in saved["rows"]]
     assert all(0 < b < 20 for row in buckets for b in row)
     assert "| recall |" in md and "| attention |" in md and "bpb 0-16" in md
-    assert [t.claim.split("'")[0] for t in section.targets] == ["recall mixer", "recall mixer"]
+    assert [t.claim.split("'")[0].split(" reads")[0] for t in section.targets] == ["recall mixer"] * 3
+    assert all(isinstance(r[-1], float) and abs(r[-1]) < 20 for r in saved["rows"])  # the first half's gain
     assert (out / "long_lm.png").exists()
     train, val = long_lm.split(sorted(long_lm.read_documents(str(corpus), 200)), 0.3)
     assert saved["data"]["corpus"]["validation"] == val and saved["data"]["corpus"]["train"] == len(train)
