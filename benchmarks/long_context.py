@@ -118,6 +118,10 @@ class DistanceSetup:
                 return length, end
         return self.length, self.steps
 
+    @property
+    def curriculum_steps(self) -> int:
+        return sum(n for _, n in self.curriculum)
+
     def rows_per_step(self, length: int) -> int:
         return max(1, self.tokens_per_step // length)
 
@@ -147,9 +151,9 @@ def score(cfg, params, rows: list) -> tuple[float, float]:
 
 
 def distance(s: DistanceSetup, out: str, mixers=("recall", "attention")) -> Section:
-    if sum(n for _, n in s.curriculum) >= s.steps:
+    if s.curriculum_steps >= s.steps:
         raise ValueError(f"The curriculum {s.curriculum} takes all {s.steps} steps: raise --steps past its "
-                         f"{sum(n for _, n in s.curriculum)} so that some train at {s.length}.")
+                         f"{s.curriculum_steps} so that some train at {s.length}.")
     train_rng = np.random.RandomState([s.seed, 0])
     cache: list[dict] = []
 
@@ -175,7 +179,8 @@ def distance(s: DistanceSetup, out: str, mixers=("recall", "attention")) -> Sect
             t.train(min(s.chunk, end - t.step))
             acc, bits = score(t.cfg, t.state["params"], val[1, "far"])
             curves[t.name].append((t.step, acc, bits))
-            log(f"  {t.name:9s} step {t.step:5d} (rows of {length})  far answers at L: accuracy {acc:.3f}, {bits:.3f} bits "
+            log(f"  {t.name:9s} step {t.step:5d} (rows of {length})  far answers at L: accuracy {acc:.3f}, "
+                f"{bits:.3f} bits "
                 f"({t.seconds:.0f} s, load {common.load():.1f})")
         section = _distance_section(s, trainees, curves, val, final=all(t.step >= s.steps for t in trainees))
         write(out, section)
@@ -237,12 +242,12 @@ def _distance_section(s: DistanceSetup, trainees, curves, val, final: bool) -> S
     name = f"long_context_distance_{s.length}"  # one table per training length
     plot = common.save_figure(fig, RESULTS_OUT[0], f"{name}.png")
     step = min(t.step for t in trainees)
+
     def rows(length: int) -> str:
         n = s.rows_per_step(length)
         return f"{n} row{'s' if n > 1 else ''} per step"
 
     stages = "".join(f"{n} steps at length {length} ({rows(length)}), then " for length, n in s.curriculum)
-    trained = sum(n for _, n in s.curriculum)
     skipped = [s.length * f for f in s.eval_factors if not s.evaluates("attention", s.length * f)]
     return Section(
         name=name,
@@ -250,16 +255,17 @@ def _distance_section(s: DistanceSetup, trainees, curves, val, final: bool) -> S
         header=["eval length", "pairs at", "distance"] + [f"{n} {k}" for n in names for k in ("accuracy", "bits/answer")],
         rows=rows_out, targets=targets, plots=[plot],
         notes=[
-            f"Trained {stages}{max(0, step - trained)} steps at length {s.length}, {rows(s.length)}"
-            f"{' (a length curriculum: one model throughout)' if s.curriculum else ''}, {s.pairs} pairs per row at a uniformly random distance, loss on the answers only; "
+            f"Trained {stages}{max(0, step - s.curriculum_steps)} steps at length {s.length}, {rows(s.length)}"
+            f"{' (a length curriculum: one model throughout)' if s.curriculum else ''}, {s.pairs} pairs per row "
+            "at a uniformly random distance, loss on the answers only; "
             f"model: features {s.features}, depth {s.depth}, {s.heads} heads, K = {network.mixer_block_for(s.length)} "
             "(from the training length), equal parameters (attention's conv width adjusted).",
             f"Evaluation: {s.val_rows} held-out rows per cell; 'distance' is the gap between a pair and its "
             "query block plus 2 P (every answer is within 2 P tokens of it). Rows longer than the training "
             f"length ({', '.join(str(s.length * f) for f in s.eval_factors if f > 1)}) are never trained on: "
             "length generalization. Attention uses rotary positions, so these rows reach angles it never saw.",
-        ] + ([f"Attention is not evaluated at {', '.join(map(str, skipped))} tokens (--attention_eval_max "
-              f"{s.attention_eval_max}): its forward is O(N^2)."] if skipped and "attention" in names else [])
+        ] + ([(f"Attention is not evaluated at {', '.join(map(str, skipped))} tokens (--attention_eval_max "
+               f"{s.attention_eval_max}): its forward is O(N^2).")] if skipped and "attention" in names else [])
           + ([] if all(t.step >= s.steps for t in trainees) else ["In progress: longer rows are scored at the end."]),
         data={"curves": curves, "results": {f"{m}/{f}/{n}": v for (m, f, n), v in res.items()}},
     )

@@ -214,15 +214,11 @@ class TrainRows:
         return batch_of([self.docs[d][o:o + self.length] for d, o in self.windows(i)])
 
 
-def validation_rows(docs: dict[str, np.ndarray], names: list[str], length: int) -> dict[str, dict[str, np.ndarray]]:
-    """One row per validation document of at least `length` bytes: its first `length` bytes."""
-    return {n: batch_of([docs[n][:length]]) for n in names if docs[n].size >= length}
-
-
-def second_halves(docs: dict[str, np.ndarray], names: list[str], length: int) -> dict[str, dict[str, np.ndarray]]:
-    """The second half of each validation row (bytes length/2 .. length of its document) as a row
-    of its own: the same bytes scored without the first half before them."""
-    return {n: batch_of([docs[n][length // 2:length]]) for n in names if docs[n].size >= length}
+def validation_rows(docs: dict[str, np.ndarray], names: list[str], length: int,
+                    start: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """One row per validation document of at least `length` bytes: its bytes start .. length
+    (start = length // 2: each row's second half as a row of its own, scored without the first)."""
+    return {n: batch_of([docs[n][start:length]]) for n in names if docs[n].size >= length}
 
 
 def context_gain(bits: np.ndarray, alone: np.ndarray) -> float:
@@ -296,7 +292,7 @@ def run(s: Setup, corpus: str, out: str, command: str) -> Section:
     train_names, val_names = split(list(docs), s.val_fraction)
     train = TrainRows([docs[n] for n in train_names], s.length, s.batch, s.seed)
     val = validation_rows(docs, val_names, s.length)
-    halves = second_halves(docs, val_names, s.length)
+    halves = validation_rows(docs, val_names, s.length, start=s.length // 2)
     if not val:
         raise ValueError(f"no validation document of at least {s.length} bytes in {corpus}")
     corpus_info = {"folder": corpus, "documents": len(docs), "bytes": int(sum(d.size for d in docs.values())),
@@ -366,7 +362,8 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
         name="long_lm",
         title=f"Long-context language modelling: held-out bits per byte by position ({s.length}-byte rows)",
         header=["mixer", "params", "steps", "step s", "held-out bpb"] + [f"bpb {x}" for x in labels]
-        + ["last - first bucket", "bucket-to-bucket falls", f"bits saved on {s.length // 2}-{s.length} by 0-{s.length // 2}"],
+        + ["last - first bucket", "bucket-to-bucket falls",
+           f"bits saved on {s.length // 2}-{s.length} by 0-{s.length // 2}"],
         rows=rows, targets=targets, plots=["long_lm.png"],
         notes=[
             f"Corpus: `{corpus['folder']}`, {corpus['documents']} documents of >= {s.min_bytes:,} bytes, "

@@ -76,7 +76,7 @@ def test_context_gain_compares_the_same_bytes_with_and_without_the_first_half():
     alone = np.array([[4.0, 4.0], [4.0, 4.0]])  # the second halves scored as rows of their own
     assert long_lm.context_gain(bits, alone) == pytest.approx(4.0 - 2.0)
     docs = {"a": np.arange(10, dtype=np.uint8), "b": np.arange(3, dtype=np.uint8)}
-    halves = long_lm.second_halves(docs, ["a", "b"], 8)
+    halves = long_lm.validation_rows(docs, ["a", "b"], 8, start=4)
     assert list(halves) == ["a"] and (halves["a"]["decoder_target_tokens"][0] - 3).tolist() == [4, 5, 6, 7]
 
 
