@@ -9,12 +9,14 @@ The recall mixer (the default Olmax) and the attention baseline (`common.attenti
 the same network at equal parameters) train at equal steps on the same rows: each row a
 contiguous window of `--length` bytes of one training document at a random offset
 (documents drawn in proportion to their windows), byte tokens (id = byte + 3), batch 1 by
-default. After every chunk each model scores the held-out rows, one per validation
-document, taken from the document's start, so that a position in the row is the position
-in the document: bits per byte in position buckets 0-1k, 1k-2k, 2k-4k, 4k-8k (doubling up
-to the row's end; the first bucket is 1/8 of rows shorter than 8192) and overall. Claims:
-the recall mixer's overall held-out bpb is at most attention's, and its loss keeps falling
-through the row (last bucket below the 1k-2k one).
+default. After every chunk each model scores the held-out rows: `--val_windows` windows per
+validation document (4 by default), spread evenly from its first byte to its last, so that a
+position in the row is how much of the document the model has read and the text at a position
+is averaged over whole documents. Bits per byte in position buckets 0-1k, 1k-2k, 2k-4k, 4k-8k
+(doubling up to the row's end; the first bucket is 1/8 of rows shorter than 8192) and overall,
+and what a row's first half saves on its second. Claims: the recall mixer's overall held-out bpb
+is at most attention's, and its loss keeps falling through the row (last bucket below the
+1k-2k one).
 
 Corpus: the English manuals (Texinfo, in info format) of 78 Debian 12 (bookworm) main
 packages, PACKAGES below (binutils-doc, coreutils, autoconf-doc, bash-doc, guile-3.0-doc,
@@ -214,11 +216,25 @@ class TrainRows:
         return batch_of([self.docs[d][o:o + self.length] for d, o in self.windows(i)])
 
 
-def validation_rows(docs: dict[str, np.ndarray], names: list[str], length: int,
+def validation_windows(docs: dict[str, np.ndarray], names: list[str], length: int,
+                       per_doc: int = 1) -> list[tuple[str, int]]:
+    """(document, offset) of the held-out rows: `per_doc` windows of `length` bytes in each validation
+    document of at least `length` bytes, at offsets spread evenly from its start (offset 0) to its end
+    (fewer where the document has fewer distinct offsets). per_doc = 1: each document's first bytes."""
+    out = []
+    for n in names:
+        if docs[n].size >= length:
+            last = docs[n].size - length
+            offsets = np.unique(np.linspace(0, last, per_doc).round().astype(int)) if per_doc > 1 else [0]
+            out += [(n, int(o)) for o in offsets]
+    return out
+
+
+def validation_rows(docs: dict[str, np.ndarray], windows: list[tuple[str, int]], length: int,
                     start: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """One row per validation document of at least `length` bytes: its bytes start .. length
-    (start = length // 2: each row's second half as a row of its own, scored without the first)."""
-    return {n: batch_of([docs[n][start:length]]) for n in names if docs[n].size >= length}
+    """One batch per held-out window (validation_windows): the window's bytes start .. length
+    (start = length // 2: each window's second half as a row of its own, scored without the first)."""
+    return {f"{n}@{o}": batch_of([docs[n][o + start:o + length]]) for n, o in windows}
 
 
 def context_gain(bits: np.ndarray, alone: np.ndarray) -> float:
@@ -274,6 +290,7 @@ class Setup:
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     val_fraction: float = 0.1
+    val_windows: int = 4  # held-out rows per validation document (validation_windows)
     min_bytes: int = MIN_BYTES
     mixers: tuple[str, ...] = ("recall", "attention")
     seed: int = 0
@@ -291,16 +308,18 @@ def run(s: Setup, corpus: str, out: str, command: str) -> Section:
     docs = read_documents(corpus, s.min_bytes)
     train_names, val_names = split(list(docs), s.val_fraction)
     train = TrainRows([docs[n] for n in train_names], s.length, s.batch, s.seed)
-    val = validation_rows(docs, val_names, s.length)
-    halves = validation_rows(docs, val_names, s.length, start=s.length // 2)
-    if not val:
+    windows = validation_windows(docs, val_names, s.length, s.val_windows)
+    if not windows:
         raise ValueError(f"no validation document of at least {s.length} bytes in {corpus}")
+    val = validation_rows(docs, windows, s.length)
+    halves = validation_rows(docs, windows, s.length, start=s.length // 2)
+    scored = sorted({n for n, _ in windows})
     corpus_info = {"folder": corpus, "documents": len(docs), "bytes": int(sum(d.size for d in docs.values())),
                    "train": len(train_names), "train_used": len(train.docs),
-                   "train_bytes": int(sum(docs[n].size for n in train_names)), "validation": list(val),
-                   "validation_too_short": [n for n in val_names if n not in val]}
+                   "train_bytes": int(sum(docs[n].size for n in train_names)), "validation": scored,
+                   "validation_rows": len(windows), "validation_too_short": [n for n in val_names if n not in scored]}
     log(f"{len(docs)} documents ({corpus_info['bytes'] / 1e6:.1f} MB): {len(train_names)} train, "
-        f"{len(val_names)} held out ({len(val)} of >= {s.length} bytes)")
+        f"{len(val_names)} held out ({len(scored)} of >= {s.length} bytes, {len(windows)} rows)")
     cfgs = configs(s)
     trainees = [common.Trainee(m, cfgs[m], (s.batch, s.length), train, [], learning_rate=s.learning_rate,
                                warmup_steps=s.warmup_steps, seed=s.seed) for m in s.mixers]
@@ -369,7 +388,7 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
             f"Corpus: `{corpus['folder']}`, {corpus['documents']} documents of >= {s.min_bytes:,} bytes, "
             f"{corpus['bytes'] / 1e6:.1f} MB (by default the info manuals of Debian packages: see "
             "benchmarks/long_lm.py); held out by whole document: "
-            f"{len(val)} validation rows ({', '.join(val)}), training on {corpus['train_used']} documents "
+            f"{len(val)} documents scored ({', '.join(val)}), {corpus['validation_rows']} rows, training on {corpus['train_used']} documents "
             f"({corpus['train_bytes'] / 1e6:.1f} MB)"
             + (f"; {len(corpus['validation_too_short'])} held-out documents shorter than a row are not scored"
                if corpus["validation_too_short"] else "") + ".",
@@ -379,12 +398,14 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
              f"at a random offset; the same rows for every model), AdamW + AGC, LR {s.learning_rate} after "
              f"{s.warmup_steps} warm-up steps, constant; trained in interleaved chunks of {s.chunk} steps; "
              "`step s`: median seconds of a jitted train step."),
-            ("Evaluation: each held-out row is the first bytes of its document (position in the row = position "
-             "in the document); bits per byte over every byte, and over each position bucket. A manual opens with "
-             "its Top node (title, often the copying notice, the menu), so the first bucket holds its most "
-             "predictable text; the claim compares the last bucket with the second. Position mixes what the model "
-             "reads with what the document says there; the last column separates them: the second half of "
-             "each row scored as a row of its own, minus the same bytes scored after the first half."),
+            (f"Evaluation: {s.val_windows} windows of {s.length} bytes per held-out document, at offsets "
+             "spread evenly from its first byte to its last (the first window is the document's opening), so a "
+             "position in the row is how much of the document the model has just read, and the text at each "
+             "position is averaged over the whole document rather than its opening (a manual opens with its "
+             "title, copying notice and menu, its most predictable text); bits per byte over every byte and over "
+             "each position bucket. The claim compares the last bucket with the second (the first has the least "
+             "context). The last column isolates the reading: the second half of each row scored as a row of its "
+             "own, minus the same bytes scored after the first half."),
         ] + ([] if done else [f"In progress: step {step} of {s.steps}."]),
         data={"setup": dataclasses.asdict(s), "edges": edges, "curves": curves, "corpus": corpus},
     )
@@ -427,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=d.learning_rate)
     parser.add_argument("--warmup", type=int, default=d.warmup_steps)
     parser.add_argument("--val_fraction", type=float, default=d.val_fraction)
+    parser.add_argument("--val_windows", type=int, default=d.val_windows,
+                        help="held-out rows per validation document, spread evenly through it (1: its first bytes)")
     parser.add_argument("--min_bytes", type=int, default=d.min_bytes, help="documents shorter than this are left out")
     parser.add_argument("--mixers", default=",".join(d.mixers))
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -442,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             fetch(args.cache, args.min_bytes)
     s = Setup(length=args.length, features=args.features, depth=args.depth, batch=args.batch, steps=args.steps,
               chunk=args.chunk, learning_rate=args.lr, warmup_steps=args.warmup, val_fraction=args.val_fraction,
-              min_bytes=args.min_bytes, mixers=tuple(args.mixers.split(",")), seed=args.seed)
+              val_windows=args.val_windows, min_bytes=args.min_bytes, mixers=tuple(args.mixers.split(",")), seed=args.seed)
     section = run(s, corpus, args.out, " ".join(["python -m benchmarks.long_lm", *argv]))
     with open(os.path.join(args.out, f"{section.name}.md")) as f:
         log(f.read())

@@ -42,10 +42,16 @@ def test_split_rows_and_buckets(tmp_path):
     assert long_lm.split([n for n in docs if n != train[0]], 0.25)[1] == val  # sides stay when a document goes
 
     length = 128
-    rows = long_lm.validation_rows(docs, val, length)
-    assert set(rows) == set(val)
-    for name, b in rows.items():  # from the document's start: position in the row = position in it
-        assert (b["decoder_target_tokens"][0] == docs[name][:length].astype(np.int32) + 3).all()
+    first = long_lm.validation_windows(docs, val, length)
+    assert first == [(n, 0) for n in val]  # one window a document: its opening
+    spread = long_lm.validation_windows(docs, val, length, per_doc=3)
+    for n in val:  # evenly from the first byte to the last, each a whole window
+        assert [o for m, o in spread if m == n] == [0, round((docs[n].size - length) / 2), docs[n].size - length]
+    assert long_lm.validation_windows({"s": np.zeros(length + 1, np.uint8)}, ["s"], length, 4) == [("s", 0), ("s", 1)]
+    rows = long_lm.validation_rows(docs, spread, length)
+    assert list(rows) == [f"{n}@{o}" for n, o in spread]
+    for (name, o), b in zip(spread, rows.values()):  # position in the row = bytes of the document read so far
+        assert (b["decoder_target_tokens"][0] == docs[name][o:o + length].astype(np.int32) + 3).all()
         assert b["decoder_input_tokens"][0, 0] == 0
         assert (b["decoder_input_tokens"][0, 1:] == b["decoder_target_tokens"][0, :-1]).all()
         assert (b["decoder_positions"][0] == np.arange(length)).all() and (b["decoder_loss_weights"] == 1).all()
@@ -76,15 +82,18 @@ def test_context_gain_compares_the_same_bytes_with_and_without_the_first_half():
     alone = np.array([[4.0, 4.0], [4.0, 4.0]])  # the second halves scored as rows of their own
     assert long_lm.context_gain(bits, alone) == pytest.approx(4.0 - 2.0)
     docs = {"a": np.arange(10, dtype=np.uint8), "b": np.arange(3, dtype=np.uint8)}
-    halves = long_lm.validation_rows(docs, ["a", "b"], 8, start=4)
-    assert list(halves) == ["a"] and (halves["a"]["decoder_target_tokens"][0] - 3).tolist() == [4, 5, 6, 7]
+    windows = long_lm.validation_windows(docs, ["a", "b"], 8, per_doc=2)
+    assert windows == [("a", 0), ("a", 2)]  # b is shorter than a row
+    halves = long_lm.validation_rows(docs, windows, 8, start=4)
+    assert [(h["decoder_target_tokens"][0] - 3).tolist() for h in halves.values()] == [[4, 5, 6, 7], [6, 7, 8, 9]]
 
 
 def test_two_step_run_writes_a_row_per_mixer(tmp_path):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     corpus.mkdir()
     write_docs(corpus, [400, 500, 600, 700, 800, 900])
-    s = long_lm.Setup(length=128, features=32, depth=1, batch=1, steps=2, chunk=2, val_fraction=0.3, min_bytes=200)
+    s = long_lm.Setup(length=128, features=32, depth=1, batch=1, steps=2, chunk=2, val_fraction=0.3, min_bytes=200,
+                      val_windows=2)
     section = long_lm.run(s, str(corpus), str(out), "test")
     saved = json.loads((out / "long_lm.json").read_text())
     md = (out / "long_lm.md").read_text()
@@ -97,4 +106,5 @@ def test_two_step_run_writes_a_row_per_mixer(tmp_path):
     assert all(isinstance(r[-1], float) and abs(r[-1]) < 20 for r in saved["rows"])  # the first half's gain
     assert (out / "long_lm.png").exists()
     train, val = long_lm.split(sorted(long_lm.read_documents(str(corpus), 200)), 0.3)
-    assert saved["data"]["corpus"]["validation"] == val and saved["data"]["corpus"]["train"] == len(train)
+    assert saved["data"]["corpus"]["validation"] == sorted(val) and saved["data"]["corpus"]["train"] == len(train)
+    assert saved["data"]["corpus"]["validation_rows"] == 2 * len(val)
