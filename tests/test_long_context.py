@@ -76,3 +76,24 @@ def test_step_prediction_extrapolates_growth():
     res = {("attention", 1024): {"step_s": 2.0}, ("attention", 2048): {"step_s": 8.0}}
     assert lc._predicted_step(res, "attention", 4096) == 32.0
     assert lc._predicted_step(res, "attention", 2048) == 0.0  # one row before it only
+
+
+def test_longest_doubles_until_the_row_does_not_fit(tmp_path, monkeypatch):
+    """Real steps of a stand-in model: rows double from `first` until the compiled step needs more
+    than memory_gib; each model writes its own section, and the target names the row that did not fit."""
+    monkeypatch.setitem(lc.MODELS, "mini", dict(features=16, depth=1, conv_features=32, mixer_heads=2, num_heads=2))
+    lc.RESULTS_OUT[0] = str(tmp_path)
+    lc.CONTEXT.update(command="test", hardware={"cpu": "x", "cores": 1, "device": "cpu", "jax": "", "python": ""},
+                      start=0.0, load0=0.0)
+    probe = lc._one_step(network.OlmaxConfig(vocab_size=384, max_length=256, mixer="recall", **lc.MODELS["mini"]),
+                         256, memory_gib=100.0, step_limit_s=600.0)
+    assert probe["step_s"] > 0 and np.isfinite(probe["loss"])
+    # A budget between the 256-token step's memory and twice it: 512 tokens cannot fit (memory grows with the row).
+    sec = lc.longest("mini", 256, 1024, 1.5 * probe["gib"], 600.0, str(tmp_path), mixers=("recall",))
+    assert sec.name == lc.longest_name("mini") == "long_context_longest_mini" and lc.longest_name("tiny") == (
+        "long_context_longest")
+    assert [(r[0], r[1]) for r in sec.rows] == [(256, "recall"), (512, "recall")]  # 1024 not tried after a miss
+    assert sec.rows[0][4] > 0 and sec.rows[1][4] is None and sec.rows[1][6].startswith("does not fit")
+    assert sec.targets[0].measured == "256 (512 does not fit)" and sec.targets[0].met
+    assert json.loads((tmp_path / "long_context_longest_mini.json").read_text())["rows"][0][0] == 256
+    assert (tmp_path / "long_context_longest_mini.png").exists()
