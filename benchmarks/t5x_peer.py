@@ -95,20 +95,37 @@ def swapped_out() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def run(cmd: list[str], corpus: str, log, xla_flags: str = "") -> tuple[float, float]:
-    """Runs one binary; (wall seconds, GiB written to swap meanwhile)."""
+# Runs argv[2:] and writes "<exit code> <its peak resident KiB>" to argv[1]. A child's ru_maxrss
+# starts at its parent's resident size at the fork (and exec keeps it), so the binary is started
+# from this small process rather than from the benchmark, which holds JAX and TensorFlow.
+_PEAK_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+                 "open(sys.argv[1], 'w').write(f'{rc} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}')")
+
+
+def run(cmd: list[str], corpus: str, log, xla_flags: str = "") -> tuple[float, float, float]:
+    """Runs one binary; (wall seconds, GiB written to swap meanwhile, its peak resident GiB).
+
+    The peak is the kernel's maximum resident set size of the binary (ru_maxrss): its whole
+    process, runtime and input pipeline included, as a machine must hold it; pages it sent to
+    swap are not in it."""
     env = dict(os.environ, OLMAX_TEXT_FILES=corpus, TF_CPP_MIN_LOG_LEVEL="3")
     if xla_flags:
         env["XLA_FLAGS"] = " ".join(filter(None, (env.get("XLA_FLAGS", ""), xla_flags)))
     start, swap0 = time.perf_counter(), swapped_out()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}{killed}):\n{proc.stderr[-4000:]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "peak")
+        proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, report, *cmd], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        with open(report) as f:
+            returncode, kib = (int(x) for x in f.read().split())
+    if returncode:
+        killed = " (killed: out of memory?)" if returncode == -9 else ""
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({returncode}{killed}):\n{proc.stderr[-4000:]}")
     seconds, swap = time.perf_counter() - start, swapped_out() - swap0
+    peak = kib / 2**20  # ru_maxrss is in KiB on Linux
     swap_note = f", {swap:.1f} GiB to swap" if swap >= 0.1 else ""
-    log(f"    {os.path.basename(cmd[0])} {cmd[1]} ... done in {seconds:.0f} s{swap_note}")
-    return seconds, swap
+    log(f"    {os.path.basename(cmd[0])} {cmd[1]} ... done in {seconds:.0f} s, peak {peak:.2f} GiB resident{swap_note}")
+    return seconds, swap, peak
 
 
 def scalars(model_dir: str, collection: str) -> dict[str, list[tuple[int, float]]]:
@@ -138,7 +155,7 @@ def quality(args, log) -> common.Section:
         for name in ("olmax", "t5x"):
             model_dir = os.path.join(tmp, name)
             make = olmax_command if name == "olmax" else t5x_command
-            seconds, _ = run(make(model_dir, length, batch, steps, steps, eval_steps), args.corpus, log)
+            seconds, _, _ = run(make(model_dir, length, batch, steps, steps, eval_steps), args.corpus, log)
             ev = scalars(model_dir, "training_eval")
             bits = last(ev, "bits_per_token") if name == "olmax" else last(
                 ev, "cross_ent_loss_per_all_target_tokens") / math.log(2)
@@ -205,6 +222,19 @@ def speed_targets(rows: list[list], swapped: dict[int, tuple[str, ...]], peer: s
     return targets
 
 
+def memory_targets(rows: list[list], swapped: dict[int, tuple[str, ...]]) -> list[common.Target]:
+    """Memory per token not higher than T5X's, at each length both binaries ran without swapping
+    (rows [length, batch, steps, Olmax, T5X, ratio, Olmax peak GiB, T5X peak GiB]; equal tokens
+    per step, so the peaks' ratio is that of memory per token)."""
+    targets = []
+    for r in rows:
+        if len(r) < 8 or None in r[6:8] or swapped.get(r[0]):
+            continue
+        targets.append(common.Target(f"Olmax peak memory per token vs T5X at N={r[0]}", "<= 1x",
+                                     f"{r[6] / r[7]:.2f}x ({r[6]:.2f} vs {r[7]:.2f} GiB)", r[6] <= r[7]))
+    return targets
+
+
 def speed(args, log) -> common.Section:
     rows, earlier, notes, swapped = [], "", [], {}
     name_of_section = "t5x_speed" if args.peer == "tiny" else f"t5x_speed_{args.peer}"
@@ -219,13 +249,13 @@ def speed(args, log) -> common.Section:
         for i, length in enumerate(int(n) for n in args.lengths.split(",")):
             batch = max(1, args.tokens // length)
             order = ("olmax", "t5x") if i % 2 == 0 else ("t5x", "olmax")
-            res = {}
+            res, peak = {}, {"olmax": None, "t5x": None}
             for name in order:
                 model_dir = os.path.join(tmp, f"{name}_{length}")
                 cmd = (olmax_command(model_dir, length, batch, 2 * args.steps, args.steps, 1) if name == "olmax"
                        else t5x_command(model_dir, length, batch, 2 * args.steps, args.steps, 1, args.peer))
                 try:
-                    _, swap = run(cmd, args.corpus, log, args.xla_flags)
+                    _, swap, peak[name] = run(cmd, args.corpus, log, args.xla_flags)
                 except RuntimeError as e:  # a binary that does not fit this machine at this length
                     oom = re.search(r"Out of memory allocating (\d+) bytes", str(e))
                     if not oom:
@@ -244,21 +274,26 @@ def speed(args, log) -> common.Section:
                 tag = "tokens_per_second" if name == "olmax" else "timing/target_tokens_per_second"
                 res[name] = last(train, tag)  # the second half: compiled, warm
             ratio = res["olmax"] / res["t5x"] if None not in res.values() else None
-            rows.append([length, batch, args.steps, res["olmax"], res["t5x"], ratio])
-            log(f"  N={length}: Olmax {res['olmax']} tok/s, T5X {res['t5x']} tok/s (ratio {ratio})")
+            rows.append([length, batch, args.steps, res["olmax"], res["t5x"], ratio, peak["olmax"], peak["t5x"]])
+            log(f"  N={length}: Olmax {res['olmax']} tok/s, T5X {res['t5x']} tok/s (ratio {ratio}); peak resident "
+                f"{peak['olmax']} vs {peak['t5x']} GiB")
     rows.sort(key=lambda r: r[0])
     return common.Section(
         name=name_of_section,
         title="Training speed against upstream T5X's transformer"
               + (" at Olmax's depth and width" if args.peer == "matched" else ""),
-        header=["length", "batch", "timed steps", "Olmax tok/s", "T5X tok/s", "Olmax / T5X"],
-        rows=rows,
-        targets=speed_targets(rows, swapped, args.peer),
+        header=["length", "batch", "timed steps", "Olmax tok/s", "T5X tok/s", "Olmax / T5X", "Olmax peak GiB",
+                "T5X peak GiB"],
+        rows=[r + [None] * (8 - len(r)) for r in rows],  # rows merged from before the peaks were recorded
+        targets=speed_targets(rows, swapped, args.peer) + memory_targets(rows, swapped),
         notes=[
             f"Each binary trains 2 x (timed steps) steps of {args.tokens} tokens (batch = {args.tokens} / length) on "
             f"`text_files` over `{args.corpus}`, packed; tokens/s over the second half, as each binary "
             "reports it (Olmax: tokens_per_second; T5X: timing/target_tokens_per_second; both count the "
             "non-padding target tokens). The two binaries alternate which runs first at each length.",
+            "Peak GiB: each binary's maximum resident set (os.wait4's ru_maxrss): the whole process, Python, "
+            "TensorFlow's input pipeline and XLA's compiler included, at equal tokens per step, so their ratio is "
+            "that of memory per token; a binary that paged to swap held more than it shows.",
             "Olmax: gin/models/tiny.gin with max_length = the length (K = mixer_block_for(length), README's "
             f"choice); T5X: benchmarks/t5x/{PEERS[args.peer]}.",
         ] + ([f"Both binaries ran with XLA_FLAGS={args.xla_flags} at the lengths of this run."] if args.xla_flags else [])

@@ -285,3 +285,27 @@ def test_t5x_speed_claims_rest_on_a_bound_where_t5x_swapped():
                                                 row(8192, 4000.0, 300.0)], {}, "matched"))
     assert [(matched[n].target, matched[n].met) for n in ("256", "4096", "8192")] == [
         (">= 1.2x", False), (">= 5x", True), (">= 12x", True)]
+
+
+def test_t5x_memory_claim_compares_peaks_where_neither_swapped():
+    from benchmarks import t5x_peer
+
+    rows = [[256, 32, 5, 900.0, 1000.0, 0.9, 1.5, 1.2], [4096, 2, 5, 5000.0, 500.0, 10.0, 1.6, 4.0],
+            [8192, 1, 5, 4000.0, 200.0, 20.0, 1.7, 9.0], [1024, 8, 5, 1.0, 1.0, 1.0]]  # the last: merged, no peaks
+    claims = {t.claim.rsplit("=", 1)[1]: t for t in t5x_peer.memory_targets(rows, {8192: ("t5x",)})}
+    assert set(claims) == {"256", "4096"}  # 8192: T5X paged to swap, its resident peak is not what it needed
+    assert not claims["256"].met and claims["256"].measured == "1.25x (1.50 vs 1.20 GiB)"
+    assert claims["4096"].met and claims["4096"].measured == "0.40x (1.60 vs 4.00 GiB)"
+
+
+def test_t5x_peer_run_reports_the_binarys_own_peak(tmp_path):
+    """`run` measures the child's maximum resident set, not this process's: a child that touches
+    ~200 MiB reports at least that, and a failing child's stderr is in the error."""
+    from benchmarks import t5x_peer
+
+    grow = [sys.executable, "-c", "import numpy as np; a = np.ones(200 * 2**20 // 8); print(a.sum())"]
+    seconds, swap, peak = t5x_peer.run(grow, "unused", lambda msg: None)
+    small = t5x_peer.run([sys.executable, "-c", "pass"], "unused", lambda msg: None)[2]
+    assert seconds > 0 and swap >= 0 and peak >= small + 0.15 and small < 0.1  # not this process's ~0.2 GiB
+    with pytest.raises(RuntimeError, match="boom"):
+        t5x_peer.run([sys.executable, "-c", "import sys; sys.exit('boom')"], "unused", lambda msg: None)
