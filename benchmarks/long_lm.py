@@ -10,9 +10,9 @@ the same network at equal parameters) train at equal steps on the same rows: eac
 contiguous window of `--length` bytes of one training document at a random offset
 (documents drawn in proportion to their windows), byte tokens (id = byte + 3), batch 1 by
 default. After every chunk each model scores the held-out rows: `--val_windows` windows per
-validation document (4 by default), spread evenly from its first byte to its last, so that a
+validation document (4 by default) spread evenly through it (`validation_windows`), so that a
 position in the row is how much of the document the model has read and the text at a position
-is averaged over whole documents. Bits per byte in position buckets 0-1k, 1k-2k, 2k-4k, 4k-8k
+is averaged over whole documents (0: one row from each document's first byte). Bits per byte in position buckets 0-1k, 1k-2k, 2k-4k, 4k-8k
 (doubling up to the row's end; the first bucket is 1/8 of rows shorter than 8192) and overall,
 and what a row's first half saves on its second. Claims: the recall mixer's overall held-out bpb
 is at most attention's, and its loss keeps falling through the row (last bucket below the
@@ -219,13 +219,15 @@ class TrainRows:
 def validation_windows(docs: dict[str, np.ndarray], names: list[str], length: int,
                        per_doc: int = 1) -> list[tuple[str, int]]:
     """(document, offset) of the held-out rows: `per_doc` windows of `length` bytes in each validation
-    document of at least `length` bytes, at offsets spread evenly from its start (offset 0) to its end
-    (fewer where the document has fewer distinct offsets). per_doc = 1: each document's first bytes."""
+    document of at least `length` bytes, the i-th at (i + 1/2) / per_doc of the way from offset 0 to
+    the last offset (fewer where the document has fewer distinct offsets); per_doc = 0: one window,
+    the document's first bytes. The spread windows leave the opening out: a manual opens with its
+    title, copying notice and menu, text easier than the rest at exactly the row's first positions."""
     out = []
     for n in names:
         if docs[n].size >= length:
             last = docs[n].size - length
-            offsets = np.unique(np.linspace(0, last, per_doc).round().astype(int)) if per_doc > 1 else [0]
+            offsets = np.unique(((np.arange(per_doc) + 0.5) * last / per_doc).round().astype(int)) if per_doc else [0]
             out += [(n, int(o)) for o in offsets]
     return out
 
@@ -398,14 +400,18 @@ def _section(s: Setup, trainees: list[common.Trainee], curves: dict[str, list[di
              f"at a random offset; the same rows for every model), AdamW + AGC, LR {s.learning_rate} after "
              f"{s.warmup_steps} warm-up steps, constant; trained in interleaved chunks of {s.chunk} steps; "
              "`step s`: median seconds of a jitted train step."),
-            (f"Evaluation: {s.val_windows} windows of {s.length} bytes per held-out document, at offsets "
-             "spread evenly from its first byte to its last (the first window is the document's opening), so a "
-             "position in the row is how much of the document the model has just read, and the text at each "
-             "position is averaged over the whole document rather than its opening (a manual opens with its "
-             "title, copying notice and menu, its most predictable text); bits per byte over every byte and over "
-             "each position bucket. The claim compares the last bucket with the second (the first has the least "
-             "context). The last column isolates the reading: the second half of each row scored as a row of its "
-             "own, minus the same bytes scored after the first half."),
+            ((f"Evaluation: {s.val_windows} windows of {s.length} bytes per held-out document, the i-th at "
+              f"(i + 1/2) / {s.val_windows} of the way through it, so a position in the row is how much of the "
+              "document the model has just read, and the text at each position is averaged over the document "
+              "rather than taken from its opening (a manual opens with its title, copying notice and menu, its "
+              "most predictable text, which rows from offset 0 put at exactly the first positions)"
+              if s.val_windows else
+              "Evaluation: each held-out row is the first bytes of its document (position in the row = position "
+              "in the document; a manual opens with its title, copying notice and menu, its most predictable "
+              "text)") + "; bits per byte over every byte and over each position bucket. The claim compares the "
+             "last bucket with the second (the first has the least context). The last column isolates the "
+             "reading: the second half of each row scored as a row of its own, minus the same bytes scored after "
+             "the first half."),
         ] + ([] if done else [f"In progress: step {step} of {s.steps}."]),
         data={"setup": dataclasses.asdict(s), "edges": edges, "curves": curves, "corpus": corpus},
     )
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=d.warmup_steps)
     parser.add_argument("--val_fraction", type=float, default=d.val_fraction)
     parser.add_argument("--val_windows", type=int, default=d.val_windows,
-                        help="held-out rows per validation document, spread evenly through it (1: its first bytes)")
+                        help="held-out rows per validation document, spread evenly through it (0: its first bytes)")
     parser.add_argument("--min_bytes", type=int, default=d.min_bytes, help="documents shorter than this are left out")
     parser.add_argument("--mixers", default=",".join(d.mixers))
     parser.add_argument("--seed", type=int, default=d.seed)

@@ -42,12 +42,14 @@ def test_split_rows_and_buckets(tmp_path):
     assert long_lm.split([n for n in docs if n != train[0]], 0.25)[1] == val  # sides stay when a document goes
 
     length = 128
-    first = long_lm.validation_windows(docs, val, length)
+    first = long_lm.validation_windows(docs, val, length, per_doc=0)
     assert first == [(n, 0) for n in val]  # one window a document: its opening
     spread = long_lm.validation_windows(docs, val, length, per_doc=3)
-    for n in val:  # evenly from the first byte to the last, each a whole window
-        assert [o for m, o in spread if m == n] == [0, round((docs[n].size - length) / 2), docs[n].size - length]
-    assert long_lm.validation_windows({"s": np.zeros(length + 1, np.uint8)}, ["s"], length, 4) == [("s", 0), ("s", 1)]
+    for n in val:  # evenly through the document, each a whole window, its opening left out
+        last = docs[n].size - length
+        assert [o for m, o in spread if m == n] == [round(last / 6), round(last / 2), round(5 * last / 6)]
+    short = long_lm.validation_windows({"s": np.zeros(length + 1, np.uint8)}, ["s"], length, 4)
+    assert short == [("s", 0), ("s", 1)]  # only two distinct offsets
     rows = long_lm.validation_rows(docs, spread, length)
     assert list(rows) == [f"{n}@{o}" for n, o in spread]
     for (name, o), b in zip(spread, rows.values()):  # position in the row = bytes of the document read so far
@@ -83,7 +85,7 @@ def test_context_gain_compares_the_same_bytes_with_and_without_the_first_half():
     assert long_lm.context_gain(bits, alone) == pytest.approx(4.0 - 2.0)
     docs = {"a": np.arange(10, dtype=np.uint8), "b": np.arange(3, dtype=np.uint8)}
     windows = long_lm.validation_windows(docs, ["a", "b"], 8, per_doc=2)
-    assert windows == [("a", 0), ("a", 2)]  # b is shorter than a row
+    assert windows == [("a", 0), ("a", 2)]  # offsets 0.5 and 1.5 of 2, rounded to even; b is shorter than a row
     halves = long_lm.validation_rows(docs, windows, 8, start=4)
     assert [(h["decoder_target_tokens"][0] - 3).tolist() for h in halves.values()] == [[4, 5, 6, 7], [6, 7, 8, 9]]
 
