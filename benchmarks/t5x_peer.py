@@ -291,7 +291,8 @@ def speed(args, log) -> common.Section:
             f"`text_files` over `{args.corpus}`, packed; tokens/s over the second half, as each binary "
             "reports it (Olmax: tokens_per_second; T5X: timing/target_tokens_per_second; both count the "
             "non-padding target tokens). The two binaries alternate which runs first at each length.",
-            "Peak GiB: each binary's maximum resident set (os.wait4's ru_maxrss): the whole process, Python, "
+            "Peak GiB: each binary's maximum resident set (ru_maxrss, read by a small launcher process): the "
+            "whole process, Python, "
             "TensorFlow's input pipeline and XLA's compiler included, at equal tokens per step, so their ratio is "
             "that of memory per token; a binary that paged to swap held more than it shows.",
             "Olmax: gin/models/tiny.gin with max_length = the length (K = mixer_block_for(length), README's "
