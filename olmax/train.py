@@ -265,6 +265,7 @@ def train(
                                                                   preemption.stop_if_aborted))
                         log.excluded += time.time() - t0
                     if stop:
+                        preemption.stop_if_aborted()  # a second Ctrl-C during this save still exits 130
                         logging.warning("Saved step %d after %s; rerun the same command to resume.", step,
                                         preemption.reason)
                         break
@@ -276,7 +277,9 @@ def train(
             ckpt.abandon()  # saves already under way complete: they are checkpoints the next run may use
             saved = ckpt.all_steps()
             last_saved = f"the last checkpoint is step {saved[-1]}" if saved else "no checkpoint was saved"
-            raise KeyboardInterrupt(f"stopped at step {step} without saving (second Ctrl-C); {last_saved}. Rerun "
+            # A second Ctrl-C that lands while the first one's save is being written lets that save finish.
+            how = "after its save had started" if saved and saved[-1] == step else "without saving"
+            raise KeyboardInterrupt(f"stopped at step {step} {how} (second Ctrl-C); {last_saved}. Rerun "
                                     "the same command to resume from it.") from None
         except BaseException:
             ckpt.abandon()  # the error in flight is the one to report

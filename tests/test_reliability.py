@@ -297,7 +297,9 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     assert code == 130 and "Saved step" not in out, out[-3000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]  # was 54 lines of it
     last = out.strip().splitlines()[-1]
-    assert re.fullmatch(r"olmax\.train: stopped at step \d+ without saving \(second Ctrl-C\); (the last checkpoint is "
+    # The second press may land while the first press's save is being written: that save completes.
+    assert re.fullmatch(r"olmax\.train: stopped at step \d+ (without saving|after its save had started) "
+                        r"\(second Ctrl-C\); (the last checkpoint is "
                         r"step \d+|no checkpoint was saved)\. Rerun the same command to resume from it\.", last), last
 
 
