@@ -23,6 +23,8 @@ sizes, bf16 compute, fp32 parameters), called without segment ids (unpacked rows
            tokens/s / the bf16 matmul peak measured in this run. Rows: small 2048 x 32, base
            4096 x 8, small at batch 1 from 8k to 512k tokens.
   block    the recall mixer at small 32k x 1 with K = 64 ... 512: the data for a K-per-length rule.
+  chunk    the recall mixer at small 2048 x 32 and 32k x 1 with recall_chunk 256 ... 4096: its
+           memory against the loop's cost (a chunk is one step of a sequential scan over the row).
   decode   small, batch 32, greedy, after prompts of 8k and 32k tokens, recall vs attention:
            an init + prefill jit, then a jit whose lax.fori_loop runs a traced number of
            cached steps; tokens/s = batch x (144 - 16) / (time of 144 steps - time of 16),
@@ -85,6 +87,8 @@ class Plan:
     materialized_max_length: int  # materialized attention only up to this length
     sweep_length: int  # the block sweep: small, batch 1, recall mixer
     sweep_blocks: tuple[int, ...]
+    chunk_rows: tuple[tuple[int, int], ...]  # the recall_chunk sweep: small (length, batch), recall mixer
+    sweep_chunks: tuple[int, ...]
     decode_prompts: tuple[int, ...]
     decode_batch: int
     decode_steps: tuple[int, int]  # (n1, n2): decode tokens/s from the time difference of n2 and n1 steps
@@ -104,6 +108,7 @@ GPU = Plan(
     fixed=(("small", 2048, 32), ("base", 4096, 8)),
     long_lengths=(8192, 16384, 32768, 131072, 262144, 524288), materialized_max_length=8192,
     sweep_length=32768, sweep_blocks=(64, 128, 256, 512),
+    chunk_rows=((2048, 32), (32768, 1)), sweep_chunks=(256, 512, 1024, 4096),
     decode_prompts=(8192, 32768), decode_batch=32, decode_steps=(16, 144),
     steps=5, peak_n=8192, budget_s=240.0, row_budget_s=20.0,
 )
@@ -115,7 +120,8 @@ TINY = dataclasses.replace(SMALL, features=64, depth=2, conv_features=64, mixer_
                            attention_block=64)
 SMOKE = dataclasses.replace(
     GPU, models={"small": TINY}, dtype=jnp.float32, fixed=(), long_lengths=(256, 512),
-    materialized_max_length=512, sweep_length=512, sweep_blocks=(32, 128), decode_prompts=(128, 512),
+    materialized_max_length=512, sweep_length=512, sweep_blocks=(32, 128),
+    chunk_rows=((512, 1),), sweep_chunks=(128, 512), decode_prompts=(128, 512),
     decode_batch=2, decode_steps=(4, 36), steps=3, peak_n=512, budget_s=120.0, row_budget_s=30.0,
     compiler_options=FAST_COMPILE,
 )
@@ -124,18 +130,20 @@ SMOKE = dataclasses.replace(
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    kind: str  # "train", "block" (the block sweep) or "decode"
+    kind: str  # "train", "block" (the block sweep), "chunk" (the recall_chunk sweep) or "decode"
     model: str
     mixer: str  # a MIXERS key
     length: int  # tokens per sequence; decode: the prompt
     batch: int
     block: int  # mixer_block K
+    chunk: int | None = None  # recall_chunk (None: the model's)
 
     def config(self, plan: Plan) -> network.OlmaxConfig:
         mixer, impl = MIXERS[self.mixer]
         positions = self.length + (plan.decode_steps[1] if self.kind == "decode" else 0)
-        return dataclasses.replace(plan.models[self.model], mixer=mixer, attention_impl=impl, dtype=plan.dtype,
-                                   max_length=positions, mixer_block=self.block)
+        cfg = dataclasses.replace(plan.models[self.model], mixer=mixer, attention_impl=impl, dtype=plan.dtype,
+                                  max_length=positions, mixer_block=self.block)
+        return cfg if self.chunk is None else dataclasses.replace(cfg, recall_chunk=self.chunk)
 
 
 def plan_rows(plan: Plan) -> list[Row]:
@@ -152,6 +160,11 @@ def plan_rows(plan: Plan) -> list[Row]:
         for mixer in ("recall", "attention"):
             rows.append(Row(f"decode-{prompt}-{mixer}", "decode", "small", mixer, prompt, plan.decode_batch,
                             mixer_block_for(prompt + plan.decode_steps[1])))
+    # last: the sweep of a setting, after every row that measures a claim (the budget may cut it)
+    for length, batch in plan.chunk_rows:
+        for chunk in plan.sweep_chunks:
+            rows.append(Row(f"chunk-{length}x{batch}-c{chunk}", "chunk", "small", "recall", length, batch,
+                            mixer_block_for(length), chunk))
     return rows
 
 
@@ -411,6 +424,13 @@ def markdown(result: dict) -> str:
               "| length | K | tokens/s | temp GiB | KB per token | MFU % | note |", "|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "block"):
         lines.append(f"| {r['length']} | {r['block']} | {cell(r['tokens_per_s'], ',.0f')} | "
+                     f"{cell(gib(r.get('temp_bytes')), '.2f')} | {cell(r.get('kb_per_token'), '.1f')} | "
+                     f"{cell(percent(r.get('mfu')), '.1f')} | {r['reason']} |")
+    lines += ["", "## recall_chunk sweep (recall, small): tokens per row per step of the scan over the row", "",
+              "| length | batch | recall_chunk | tokens/s | temp GiB | KB per token | MFU % | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["kind"] == "chunk"):
+        lines.append(f"| {r['length']} | {r['batch']} | {r['chunk']} | {cell(r['tokens_per_s'], ',.0f')} | "
                      f"{cell(gib(r.get('temp_bytes')), '.2f')} | {cell(r.get('kb_per_token'), '.1f')} | "
                      f"{cell(percent(r.get('mfu')), '.1f')} | {r['reason']} |")
     n1, n2 = result["decode_steps"]

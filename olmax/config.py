@@ -56,10 +56,12 @@ class OlmaxConfig:
     attention_impl: str = "auto"
     attention_block: int = 512
     # Recall mixer: features per head of its linear-attention (quadratic) kernel, and the
-    # tokens per step of its scan over blocks (longer rows run chunk by chunk, each chunk
-    # recomputed in the backward pass: step memory linear in the row length).
+    # tokens per row of one step of its scan over the row (longer rows run chunk by chunk,
+    # projected and recomputed in the backward pass chunk by chunk: the mixer's step memory
+    # is that of batch x recall_chunk tokens plus the row's input and output). 512: on CPU the
+    # leanest and fastest of 256-4096 from 1k to 32k tokens (README, "Long context").
     recall_features: int = 16
-    recall_chunk: int = 4096
+    recall_chunk: int = 512
     # Mixture of experts.
     expert_top_k: int = 2
     expert_features: int = 512

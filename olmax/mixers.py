@@ -258,7 +258,7 @@ def pair_kernel(ql: Array, kl: Array) -> Array:
 
 
 def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int, *,
-                 log_decay: Array | None = None, dense_far: bool | None = None, chunk: int = 4096) -> Array:
+                 log_decay: Array | None = None, dense_far: bool | None = None, chunk: int = 512) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
 
     q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
@@ -295,37 +295,65 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     rematerialized in the backward pass: the step holds one chunk's window scores and
     kernel features, not the whole row's (O(N (c + r) + chunk K h) instead of O(N K h + N h F)).
     """
-    bsz, length, h, c = q.shape
-    r = ql.shape[-1]
+    if log_decay is None:
+        log_decay = jnp.zeros(gate.shape, jnp.float32)
+    return chunked_recall(lambda *a: a, (q, k, v, ql, kl, gate, log_decay), seg, block, dense_far=dense_far,
+                          chunk=chunk)
+
+
+def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, block: int, *,
+                   dense_far: bool | None = None, chunk: int = 512) -> Array:
+    """`axial_recall` of (q, k, v, ql, kl, gate, log_decay) = prepare(*inputs), with `prepare`
+    run on each chunk of the row inside the scan over chunks, never on the whole row.
+
+    inputs: arrays [b, t, ...] (the mixer's x and positions); prepare maps those of positions
+    t0..t1 to those positions' q, k, v, ql, kl [b, t', h, *], gate and log_decay [b, t', h].
+    A row longer than `chunk` then holds no whole-row projection: a chunk's q, k, v, recall
+    features and gates are made, used and (in the backward) made again within the chunk, so
+    the row keeps only `inputs` and the output. A row of one chunk runs `prepare` once, on
+    the whole row.
+    """
+    bsz, length = seg.shape
+    shapes = jax.eval_shape(prepare, *(jax.ShapeDtypeStruct((bsz, min(length, block)) + a.shape[2:], a.dtype)
+                                       for a in inputs))
+    h, c = shapes[0].shape[2:]
+    r = shapes[3].shape[-1]
     n = -(-length // block)
     if dense_far is None:  # whichever costs fewer multiply-adds (scores + sums vs block states)
         dense_far = n * block * (r + c) <= 3 * feature_size(r) * (c + 1)
     per_chunk = n if dense_far else max(1, min(n, chunk // block))  # blocks per scan step
     steps = -(-n // per_chunk)
-    pad = steps * per_chunk * block - length
+    span = per_chunk * block  # positions per scan step
+    pad = steps * span - length
+    # Padding gets segment -1: distinct from every real segment and from id 0.
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    inputs = tuple(jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in inputs)
 
-    def grid(a: Array) -> Array:  # [b, t, h, e] -> [b, h, n, K, e]
-        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(bsz, -1, block, h, a.shape[-1])
+    def grid(a: Array) -> Array:  # [b, t, h, e] -> [b, h, t / K, K, e]
+        a = a.reshape(bsz, -1, block, h, a.shape[-1])
         return jnp.transpose(a, (0, 3, 1, 2, 4))
 
-    if log_decay is None:
-        log_decay = jnp.zeros(gate.shape, jnp.float32)
-    q, k, v, ql, kl = map(grid, (q, k, v, ql, kl))
-    gate, log_decay = (grid(a.astype(jnp.float32)[..., None])[..., 0] for a in (gate, log_decay))  # [b,h,n,K]
-    # Padding gets segment -1: distinct from every real segment and from id 0.
-    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(bsz, 1, -1, block)
-    blocks = (q, k, v, ql, kl, gate, log_decay, seg)
+    def blocks(seg_part: Array, *parts: Array) -> tuple:  # a span of the row -> `_recall_chunk`'s blocks
+        q, k, v, ql, kl, gate, log_decay = prepare(*parts)
+        gate, log_decay = (grid(a.astype(jnp.float32)[..., None])[..., 0] for a in (gate, log_decay))  # [b,h,n,K]
+        return (*map(grid, (q, k, v, ql, kl)), gate, log_decay, seg_part.reshape(bsz, 1, -1, block))
+
     # What the first block finds before it: an empty recall state and a block of segment -2
     # (no real one) as its window's previous block.
     state = ((jnp.zeros((bsz, h, feature_size(r), c), jnp.float32), jnp.zeros((bsz, h, feature_size(r)), jnp.float32)),
-             jnp.zeros((bsz, h, block, c), k.dtype),
-             jnp.zeros((bsz, h, block, c), v.dtype), jnp.full((bsz, 1, block), -2, seg.dtype))
+             jnp.zeros((bsz, h, block, c), shapes[1].dtype),
+             jnp.zeros((bsz, h, block, c), shapes[2].dtype), jnp.full((bsz, 1, block), -2, seg.dtype))
     if steps == 1:
-        y, _ = _recall_chunk(dense_far, blocks, state)
-    else:  # [b, h, steps * G, ...] -> [steps, b, h, G, ...], scanned; each chunk recomputed in the backward
-        split = lambda a: jnp.moveaxis(a.reshape(*a.shape[:2], steps, per_chunk, *a.shape[3:]), 2, 0)  # noqa: E731
-        body = jax.checkpoint(functools.partial(_recall_chunk, False))
-        _, y = jax.lax.scan(lambda st, x: body(x, st)[::-1], state, tuple(map(split, blocks)))
+        y, _ = _recall_chunk(dense_far, blocks(seg, *inputs), state)
+    else:  # [b, steps * span, ...] -> [steps, b, span, ...], scanned; each chunk recomputed in the backward
+        split = lambda a: jnp.moveaxis(a.reshape(bsz, steps, span, *a.shape[2:]), 1, 0)  # noqa: E731
+
+        @jax.checkpoint
+        def body(st, parts):
+            y, st = _recall_chunk(False, blocks(*parts), st)
+            return st, y
+
+        _, y = jax.lax.scan(body, state, tuple(map(split, (seg, *inputs))))
         y = jnp.moveaxis(y, 0, 2).reshape(bsz, h, steps * per_chunk, block, c)
     return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, -1, h, c)[:, :length]
 
@@ -540,14 +568,22 @@ class RecallMixer(nn.Module):
                     cache_variable(self, decode, "norm_err", (bsz, h, feats), cfg.dtype, state_axes[:3]))
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
-        # One matmul for the projections: [b,t,d] -> [b,t,h,3c + 2r + 2] -> q, k, v, ql, kl, gate, forget.
-        proj = jnp.einsum("btd,dhe->bthe", x, jnp.concatenate(w, axis=2).astype(cfg.dtype))
-        proj = constrain(proj, ("activation_batch", "activation_length", "activation_heads", None))
+        kernel = jnp.concatenate(w, axis=2).astype(cfg.dtype)
         splits = list(itertools.accumulate(names.values()))[:-1]
-        q, k, v, ql, kl, g, f = jnp.split(proj, splits, axis=-1)
-        gate = jax.nn.sigmoid(g[..., 0].astype(jnp.float32) + gate_bias)  # [b,t,h]
-        log_decay = -jax.nn.softplus(f[..., 0].astype(jnp.float32) + forget_bias)  # [b,t,h], <= 0
-        q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
+
+        def project(x: Array, positions: Array) -> tuple:
+            """x [b,t,d] -> q, k, v, ql, kl [b,t,h,*], gate, log_decay [b,t,h]: one matmul for all."""
+            proj = jnp.einsum("btd,dhe->bthe", x, kernel)  # [b,t,d] -> [b,t,h,3c + 2r + 2]
+            proj = constrain(proj, ("activation_batch", "activation_length", "activation_heads", None))
+            q, k, v, ql, kl, g, f = jnp.split(proj, splits, axis=-1)
+            gate = jax.nn.sigmoid(g[..., 0].astype(jnp.float32) + gate_bias)  # [b,t,h]
+            log_decay = -jax.nn.softplus(f[..., 0].astype(jnp.float32) + forget_bias)  # [b,t,h], <= 0
+            return rotary(q, positions), rotary(k, positions), v, ql, kl, gate, log_decay
+
+        if decode is None:  # training and eval: projected chunk by chunk inside the scan over the row
+            y = chunked_recall(project, (x, ctx.positions), ctx.segment_ids, block, chunk=cfg.recall_chunk)
+            return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
+        q, k, v, ql, kl, gate, log_decay = project(x, ctx.positions)
         if decode == "step":
             y = recall_step(window, state, norm, errs, q, k, v, ql, kl, gate, log_decay, ctx.positions[:, 0])
         else:

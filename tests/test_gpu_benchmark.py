@@ -37,7 +37,7 @@ def test_imports_only_jax_flax_optax_numpy():
 def test_every_row_is_measured_or_says_why(smoke):
     out, result = smoke
     rows = {r["name"]: r for r in result["rows"]}
-    assert {r["kind"] for r in rows.values()} == {"train", "block", "decode"}
+    assert {r["kind"] for r in rows.values()} == {"train", "block", "chunk", "decode"}
     assert {r["mixer"] for r in rows.values() if r["kind"] == "train"} == {"recall", "fused", "materialized"}
     for r in rows.values():
         assert (r["tokens_per_s"] or 0) > 0 or r["reason"], r
@@ -47,7 +47,7 @@ def test_every_row_is_measured_or_says_why(smoke):
     with open(os.path.join(out, "gpu.md")) as f:
         text = f.read()
     table_lines = [line for line in text.splitlines() if line.startswith("|")]
-    assert len(table_lines) == len(rows) + 3 * 2, text  # one line per row, three tables with their headers
+    assert len(table_lines) == len(rows) + 4 * 2, text  # one line per row, four tables with their headers
 
 
 def test_materialized_attention_holds_more_than_fused(smoke):

@@ -12,8 +12,9 @@ BASE = network.OlmaxConfig(
     vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
     mixer_block=8, mixer_heads=2, num_heads=2, expert_features=32, expert_group_size=64,
     # several attention tiles and recall chunks per row: the blockwise kernel's tiling and the
-    # recall mixer's scan over chunks are exercised
-    attention_block=16, recall_chunk=16,
+    # recall mixer's scan over chunks are exercised (with 4 recall features the far part runs
+    # blocked from ~26 tokens on; at 16 a row this short would take the dense path, one chunk)
+    attention_block=16, recall_chunk=16, recall_features=4,
 )
 VARIANTS = {
     "recall_rev": dict(mixer="recall", reversible=True),
@@ -319,6 +320,41 @@ def test_axial_recall_chunked_gradients_equal_one_step():
     for name, a, ref in zip(["q", "k", "v", "ql", "kl", "gate", "log_decay"], grads(12), grads(4096)):
         assert float(jnp.abs(ref).max()) > 1e-3, name
         np.testing.assert_allclose(a, ref, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def test_recall_mixer_projects_chunk_by_chunk_exactly():
+    """The mixer's training path projects each chunk of the row inside the scan (no whole-row
+    q, k, v, recall features or gates): its output and its gradients for x and for every
+    parameter equal the one-chunk computation's, packed segments spanning chunk edges."""
+    rng = np.random.RandomState(3)
+    cfg = dataclasses.replace(BASE, mixer="recall")
+    b, t = 2, 45  # three chunks of 16 and a padded tail
+    x = jnp.asarray(rng.randn(b, t, cfg.features).astype(np.float32))
+    seg = np.ones((b, t), np.int32)
+    seg[1, 10:37], seg[1, 37:] = 2, 3
+    pos = np.concatenate([np.arange(t)[None], np.r_[np.arange(10), np.arange(27), np.arange(8)][None]])
+    ctx = layers.Context(jnp.asarray(seg), jnp.asarray(pos))
+    w = jnp.asarray(rng.randn(b, t, cfg.features).astype(np.float32))
+    params = mixers.RecallMixer(cfg).init(jax.random.PRNGKey(0), x, ctx)["params"]
+    params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.randn(*p.shape).astype(np.float32)), params)
+
+    def value_and_grads(chunk):
+        mixer = mixers.RecallMixer(dataclasses.replace(cfg, recall_chunk=chunk))
+
+        def loss(params, x):
+            y = mixer.apply({"params": params}, x, ctx)[0]
+            return jnp.sum(y * w), y
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+    (_, y), grads = value_and_grads(16)
+    (_, y_ref), grads_ref = value_and_grads(4096)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        ref = grads_ref
+        for key in path:
+            ref = ref[key.idx if hasattr(key, "idx") else key.key]
+        assert float(jnp.abs(ref).max()) > 1e-4, path
+        np.testing.assert_allclose(g, ref, atol=5e-5, rtol=1e-4, err_msg=str(path))
 
 
 def test_joint_read_gradient_is_exact_for_tiny_far_sums():
