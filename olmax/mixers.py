@@ -23,7 +23,6 @@ its einsum letters. Their decode caches:
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Callable
