@@ -418,21 +418,18 @@ def markdown(result: dict) -> str:
         fused = tok.get(("train", r["model"], r["length"], r["batch"], "fused"))
         lines.append(f"| {r['model']} | {r['length']} | {r['batch']} | {r['block']} | {r['label']} | "
                      f"{cell(r['tokens_per_s'], ',.0f')} | {ratio(r['tokens_per_s'], fused)} | "
-                     f"{cell(gib(r.get('temp_bytes')), '.2f')} | {cell(r.get('kb_per_token'), '.1f')} | "
-                     f"{cell(percent(r.get('mfu')), '.1f')} | {r['reason']} |")
+                     + step_cells(r))
     lines += ["", "## Block size sweep (recall, small, batch 1)", "",
               "| length | K | tokens/s | temp GiB | KB per token | MFU % | note |", "|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "block"):
         lines.append(f"| {r['length']} | {r['block']} | {cell(r['tokens_per_s'], ',.0f')} | "
-                     f"{cell(gib(r.get('temp_bytes')), '.2f')} | {cell(r.get('kb_per_token'), '.1f')} | "
-                     f"{cell(percent(r.get('mfu')), '.1f')} | {r['reason']} |")
+                     + step_cells(r))
     lines += ["", "## recall_chunk sweep (recall, small): tokens per row per step of the scan over the row", "",
               "| length | batch | recall_chunk | tokens/s | temp GiB | KB per token | MFU % | note |",
               "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "chunk"):
         lines.append(f"| {r['length']} | {r['batch']} | {r['chunk']} | {cell(r['tokens_per_s'], ',.0f')} | "
-                     f"{cell(gib(r.get('temp_bytes')), '.2f')} | {cell(r.get('kb_per_token'), '.1f')} | "
-                     f"{cell(percent(r.get('mfu')), '.1f')} | {r['reason']} |")
+                     + step_cells(r))
     n1, n2 = result["decode_steps"]
     lines += ["", f"## Cached greedy decoding (small; tokens/s from {n2} - {n1} steps)", "",
               "| prompt | batch | K | mixer | decode tokens/s | recall / attention | cache GiB | note |",
@@ -445,6 +442,12 @@ def markdown(result: dict) -> str:
     lines += ["", "MFU counts olmax.perf's model FLOPs (attention: every key, where causal kernels skip half; "
               "the reversible backward's recomputation not counted) over the measured peak."]
     return "\n".join(lines) + "\n"
+
+
+def step_cells(r: dict) -> str:
+    """A training row's last cells: temp GiB, KB per token, MFU %, note."""
+    return (f"{cell(gib(r.get('temp_bytes')), '.2f')} | {cell(r.get('kb_per_token'), '.1f')} | "
+            f"{cell(percent(r.get('mfu')), '.1f')} | {r['reason']} |")
 
 
 def gib(x: float | None) -> float | None:
