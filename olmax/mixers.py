@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -370,19 +370,15 @@ def _recall_chunk(dense_far: bool, blocks: tuple, state: tuple) -> tuple[Array, 
     same_own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,G,k,j] lag k-j
     same_prev = seg[..., :, None] == seg_prev[..., None, :]  # lag K+k-j
     in_window = i[:, None] < i[None, :]  # [k,j]: lag K+k-j < K
-
-    # Window: scores against block n-1 (j > k) and its own block (j <= k) together, fp32.
-    keys, values = jnp.concatenate([k_prev, k], axis=3), jnp.concatenate([v_prev, v], axis=3)  # [b,h,G,2K,c]
-    logits = jnp.einsum("bhnkc,bhnjc->bhnkj", q, keys).astype(jnp.float32) / math.sqrt(c)
-    allowed = jnp.concatenate([same_prev & in_window, same_own], axis=-1)  # the diagonal always is
-    logits = jnp.where(allowed, logits, -jnp.inf)
+    # Window: a blocked softmax over two [K, K] tiles, its own block (j <= k; the diagonal is
+    # always allowed, so it goes first) and block n-1 (j > k).
+    window = softmax_tiles(q, [(k, v, same_own), (k_prev, v_prev, same_prev & in_window)])
 
     if dense_far:
         num, den = _far_dense(ql, kl, v, gate, log_decay, seg)
     else:
         num, den, far_state = _far_blocked(ql, kl, v, gate, log_decay, seg, same_own, far_state, seg_last[..., -1])
-    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhnkj,bhnjc->bhnkc", p.astype(v.dtype), values,
-                                                         preferred_element_type=jnp.float32))
+    y = joint_read(*window, num, den)
     return y.astype(v.dtype), (far_state, k[:, :, -1], v[:, :, -1], seg[:, :, -1])
 
 
@@ -450,24 +446,50 @@ def _far_dense(ql, kl, v, gate, log_decay, seg):
     return num.reshape(bsz, h, n, block, c), jnp.sum(kern, axis=-1).reshape(bsz, h, n, block)
 
 
-def joint_read(logits: Array, num: Array, den: Array, weigh: Callable[[Array], Array]) -> Array:
-    """(sum_j exp(logits_j) v_j + num) / (sum_j exp(logits_j) + den): the window's softmax terms
-    and the recall's kernel sums (num [..., c], den [...] >= 0) under one denominator, fp32.
+def softmax_tiles(q: Array, tiles: Sequence[tuple[Array, Array, Array]]) -> tuple[Array, Array]:
+    """Softmax attention of the queries q [..., k, c] over key tiles, one tile at a time as a
+    flash kernel does: (out [..., k, c], lse [..., k]), fp32, out the normalized read and lse the
+    log-sum-exp of the allowed scores q . keys / sqrt(c), which `joint_read` combines exactly with
+    the recall sums.
 
-    logits [..., j] (-inf where not allowed; at least one finite); weigh(p) = sum_j p_j v_j in
-    fp32 (p may be rounded to the compute dtype for that matmul, as softmax attention does).
-    Scaled by exp(-M), M = max(largest logit, log den) (the log-sum-exp trick, extended to
-    the kernel sums), so every weight is <= 1 and the denominator >= 1: nothing overflows,
-    and a query with no recall weight (den = 0, or below 1e-30) reads plain softmax.
+    tiles: (keys [..., j, c], values [..., j, c], allowed [..., k, j] broadcastable); the first
+    tile must allow every query at least one key (a later one may allow none). A running max
+    and sum carry across tiles, so no score matrix wider than one tile is formed and no key or
+    value is copied into a concatenation. Probabilities meet the values in the values' dtype,
+    summed in fp32, as softmax attention does.
     """
-    top = jnp.max(logits, axis=-1)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    top = total = acc = None
+    for keys, values, allowed in tiles:
+        s = jnp.einsum("...kc,...jc->...kj", q, keys).astype(jnp.float32) * scale
+        s = jnp.where(allowed, s, -jnp.inf)
+        # The result does not depend on the running max: no gradient through it.
+        new_top = jax.lax.stop_gradient(jnp.max(s, axis=-1) if top is None else jnp.maximum(top, jnp.max(s, axis=-1)))
+        p = jnp.exp(s - new_top[..., None])
+        read = jnp.einsum("...kj,...jc->...kc", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+        if top is None:
+            total, acc = jnp.sum(p, axis=-1), read
+        else:
+            rescale = jnp.exp(top - new_top)
+            total, acc = rescale * total + jnp.sum(p, axis=-1), rescale[..., None] * acc + read
+        top = new_top
+    return acc / total[..., None], top + jnp.log(total)
+
+
+def joint_read(out: Array, lse: Array, num: Array, den: Array) -> Array:
+    """(sum_j exp(s_j) v_j + num) / (sum_j exp(s_j) + den): the window's softmax read (out [..., c]
+    and its log-sum-exp lse [...], `softmax_tiles`) and the recall's kernel sums (num [..., c],
+    den [...] >= 0) under one denominator, fp32. That is a mix of the two normalized reads,
+    out and num / den, weighted exp(lse) : den, each scaled by exp(-M), M = max(lse, log den)
+    (the log-sum-exp trick, extended to the kernel sums), so neither weight overflows; a query
+    with no recall weight (den = 0, or below 1e-30) reads plain softmax.
+    """
     has_far = den > _TINY_SUM
     log_den = jnp.where(has_far, jnp.log(jnp.where(has_far, den, 1.0)), -jnp.inf)
-    scale = jax.lax.stop_gradient(jnp.maximum(top, log_den))  # the result does not depend on it
-    p = jnp.exp(logits - scale[..., None])
-    far = jnp.exp(log_den - scale)  # den exp(-M), in [0, 1]
+    top = jax.lax.stop_gradient(jnp.maximum(lse, log_den))  # the result does not depend on it
+    near, far = jnp.exp(lse - top), jnp.exp(log_den - top)  # in [0, 1], one of them 1
     mean_far = _mean(num, jnp.where(has_far, den, 1.0))
-    return (weigh(p) + far[..., None] * mean_far) / (jnp.sum(p, axis=-1) + far)[..., None]
+    return (near[..., None] * out + far[..., None] * mean_far) / (near + far)[..., None]
 
 
 # Kernel sums below this are read as empty: their weight is < 1e-30 of one window term unless
@@ -637,16 +659,13 @@ def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, errs: tuple
         state.value, state_err.value, decay_m1[..., None, None],
         jnp.einsum("bhf,bhc->bhfc", entering, v[:, 0].astype(jnp.float32)))
     norm.value, norm_err.value = compensated_decay_add(norm.value, norm_err.value, decay_m1[..., None], entering)
-    keys, values = keys[:, 1:], values[:, 1:]  # [b,K,h,c]: positions t-K+1 .. t
-    c = q.shape[-1]
-    logits = jnp.einsum("bhc,bjhc->bhj", q[:, 0], keys).astype(jnp.float32) / math.sqrt(c)
-    valid = t[:, None] - block + 1 + jnp.arange(block)[None, :] >= 0  # [b,j]
-    logits = jnp.where(valid[:, None], logits, -jnp.inf)
+    keys, values = (jnp.swapaxes(a[:, 1:], 1, 2) for a in (keys, values))  # [b,h,K,c]: positions t-K+1 .. t
+    valid = t[:, None] - block + 1 + jnp.arange(block)[None, :] >= 0  # [b,j]; t itself always
+    window = softmax_tiles(q[:, 0, :, None], [(keys, values, valid[:, None, None])])  # [b,h,1,c], [b,h,1]
     fq = quadratic_features(ql[:, 0])  # [b,h,F]
     num = jnp.einsum("bhf,bhfc->bhc", fq, state.value)
     den = jnp.einsum("bhf,bhf->bh", fq, norm.value)
-    y = joint_read(logits, num, den, lambda p: jnp.einsum("bhj,bjhc->bhc", p.astype(values.dtype), values,
-                                                         preferred_element_type=jnp.float32))
+    y = joint_read(window[0][:, :, 0], window[1][:, :, 0], num, den)
     return y.astype(values.dtype)[:, None]
 
 

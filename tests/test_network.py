@@ -357,15 +357,47 @@ def test_recall_mixer_projects_chunk_by_chunk_exactly():
         np.testing.assert_allclose(g, ref, atol=5e-5, rtol=1e-4, err_msg=str(path))
 
 
+def test_softmax_tiles_is_one_softmax_over_all_keys():
+    """The window's blocked softmax (a running max and sum across tiles) returns the read and the
+    log-sum-exp of one softmax over the concatenated keys, and the same gradients, with a second
+    tile that allows no key to some queries and scores of +-60 (exp overflows fp32 at 89)."""
+    rng = np.random.RandomState(4)
+    q, k1, k2, v1, v2 = (jnp.asarray(8.0 * rng.randn(2, 5, 3).astype(np.float32)) for _ in range(5))
+    own = np.tril(np.ones((5, 5), bool))  # the diagonal: every query has a key in the first tile
+    prev = np.triu(np.ones((5, 5), bool), 1)  # none for the last query
+    w = jnp.asarray(rng.randn(2, 5, 3).astype(np.float32))
+
+    def tiled(q, k1, k2, v1, v2):
+        out, lse = mixers.softmax_tiles(q, [(k1, v1, own), (k2, v2, prev)])
+        return jnp.sum(out * w) + jnp.sum(lse), (out, lse)
+
+    def one(q, k1, k2, v1, v2):
+        s = jnp.einsum("bkc,bjc->bkj", q, jnp.concatenate([k1, k2], 1)) / np.sqrt(3.0)
+        s = jnp.where(np.concatenate([own, prev], 1), s, -jnp.inf)
+        out = jax.nn.softmax(s, axis=-1) @ jnp.concatenate([v1, v2], 1)
+        lse = jax.nn.logsumexp(s, axis=-1)
+        return jnp.sum(out * w) + jnp.sum(lse), (out, lse)
+
+    args = (q, k1, k2, v1, v2)
+    (_, got), g_got = jax.value_and_grad(tiled, argnums=tuple(range(5)), has_aux=True)(*args)
+    (_, ref), g_ref = jax.value_and_grad(one, argnums=tuple(range(5)), has_aux=True)(*args)
+    assert float(jnp.max(ref[1])) > 30  # large scores: the running max matters
+    for a, b in zip(got + g_got, ref + g_ref):
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_joint_read_gradient_is_exact_for_tiny_far_sums():
     """A far sum of 1e-20 (a closed write gate, a key orthogonal to the query) has finite,
     exact derivatives: y = (W + num) / (P + den) with window weights P, W; a plain num / den
     squares den and gave -inf here. Below 1e-30 the far sum reads as empty."""
-    logits, values = jnp.array([[0.0, -1.0]]), jnp.array([[1.0], [2.0]])
+    # Window scores 0 and -1 (query 1 against keys 0 and -1) on values 1 and 2, in two tiles.
+    tiles = [(jnp.array([[0.0]]), jnp.array([[1.0]]), True), (jnp.array([[-1.0]]), jnp.array([[2.0]]), True)]
     P, W = 1 + np.exp(-1.0), 1 + 2 * np.exp(-1.0)
 
     def y(den, num):
-        return mixers.joint_read(logits, num, den, lambda p: p @ values).sum()
+        window = mixers.softmax_tiles(jnp.array([[1.0]]), tiles)
+        return mixers.joint_read(*window, num, den).sum()
 
     for tiny in (1e-3, 1e-20, 1e-29):
         den, num = jnp.array([tiny]), jnp.array([[3 * tiny]])
