@@ -44,6 +44,10 @@ class OlmaxConfig:
     # Causal convolution block.
     conv_kernel: int = 5
     conv_features: int = 512
+    # Rows longer than this many tokens run the conv block chunk by chunk, recomputed in the
+    # backward pass: its step memory is that of batch x conv_chunk tokens (its stacked
+    # [.., conv_kernel, features] windows and hidden activations), not of the whole row.
+    conv_chunk: int = 2048
     # Block size K of the recall and axial mixers (the recall mixer's softmax window); None:
     # mixer_block_for(max_length), the measured fastest K for rows that long. Read `block_size`.
     mixer_block: int | None = None
@@ -85,9 +89,12 @@ class OlmaxConfig:
         if self.features % self.num_heads or (self.features // self.num_heads) % 2:
             raise ValueError(f"features={self.features} / num_heads={self.num_heads} must be an even head size.")
         for name in ("vocab_size", "features", "depth", "max_length", "conv_kernel", "conv_features",
-                     "recall_features", "recall_chunk", "attention_block"):
+                     "conv_chunk", "recall_features", "recall_chunk", "attention_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+        if self.conv_chunk < 2 * (self.conv_kernel - 1):
+            raise ValueError(f"conv_chunk={self.conv_chunk} must be >= 2 (conv_kernel - 1) = {2 * (self.conv_kernel - 1)}, "
+                             "the positions before a chunk that the conv block reads.")
         if self.mixer_block is not None and self.mixer_block < 1:
             raise ValueError(f"mixer_block={self.mixer_block} must be positive (or None: chosen by max_length).")
 

@@ -209,10 +209,11 @@ class Norm(nn.Module):
 # ------------------------------------------------------------------ causal convolution
 
 
-def causal_conv(x: Array, kernel: Array, ctx: Context) -> Array:
+def causal_conv(x: Array, kernel: Array, segment_ids: Array) -> Array:
     """Causal, segment-masked convolution.
 
-    x: [b, t, i], kernel: [w, i, o] (tap w-1 multiplies x[t], tap 0 x[t-w+1]) -> [b, t, o].
+    x: [b, t, i], kernel: [w, i, o] (tap w-1 multiplies x[t], tap 0 x[t-w+1]),
+    segment_ids: [b, t] (`Context`) -> [b, t, o].
     A lag that crosses a segment boundary is masked per (position, lag), which XLA's
     convolution cannot express, so the conv is one matmul over a w-wide window of the
     narrower side: when i <= o, the masked, shifted inputs stacked to [b, t, w, i] times
@@ -221,7 +222,7 @@ def causal_conv(x: Array, kernel: Array, ctx: Context) -> Array:
     w matmuls with w shifted copies of x (~1.4x for the tiny model's conv block, fwd+bwd).
     """
     width = kernel.shape[0]
-    same = {lag: (ctx.segment_ids == shift_right(ctx.segment_ids, lag))[..., None] for lag in range(1, width)}
+    same = {lag: (segment_ids == shift_right(segment_ids, lag))[..., None] for lag in range(1, width)}
 
     def shifted(a: Array, lag: int) -> Array:  # a[t - lag], zero across a segment start
         return shift_right(a, lag) * same[lag].astype(a.dtype) if lag else a
@@ -231,6 +232,38 @@ def causal_conv(x: Array, kernel: Array, ctx: Context) -> Array:
         return jnp.einsum("btwi,wio->bto", window, kernel)
     z = jnp.einsum("bti,wio->btwo", x, kernel)  # z[:, s, tap] = x[s] @ kernel[tap]
     return sum(shifted(z[:, :, width - 1 - lag], lag) for lag in range(width))
+
+
+def time_chunked(fn: Callable[[Array, Array], Array], x: Array, segment_ids: Array, chunk: int, reach: int) -> Array:
+    """fn(x, segment_ids) for a causal, segment-masked fn of the row (output t depends on inputs
+    t - reach .. t of its segment), computed `chunk` positions at a time: a scan over the row
+    whose steps see their chunk and the `reach` positions before it, each step recomputed in
+    the backward pass. The step's intermediates are those of batch x (chunk + reach)
+    positions, not of the whole row. x: [b, t, i], segment_ids: [b, t] -> [b, t, o].
+    A row of at most `chunk` positions runs fn once.
+    """
+    bsz, length = segment_ids.shape
+    if length <= chunk:
+        return fn(x, segment_ids)
+    if reach > chunk:
+        raise ValueError(f"a chunk of {chunk} positions cannot hold the {reach} before it that the output reads.")
+    steps = -(-length // chunk)
+    # `reach` positions of segment -1 (no real one) before the row, and a padded tail.
+    pad = ((0, 0), (reach, steps * chunk - length))
+    x = jnp.pad(x, pad + ((0, 0),) * (x.ndim - 2))
+    seg = jnp.pad(segment_ids, pad, constant_values=-1)
+
+    def windows(a: Array) -> Array:  # [b, reach + steps*chunk, ...] -> [steps, b, reach + chunk, ...]
+        own = a[:, reach:].reshape(bsz, steps, chunk, *a.shape[2:])
+        before = a[:, :steps * chunk].reshape(bsz, steps, chunk, *a.shape[2:])[:, :, :reach]  # original s*chunk - reach..
+        return jnp.moveaxis(jnp.concatenate([before, own], axis=2), 1, 0)
+
+    @jax.checkpoint
+    def body(carry, parts):
+        return carry, fn(*parts)[:, reach:]
+
+    _, y = jax.lax.scan(body, None, (windows(x), windows(seg)))
+    return jnp.moveaxis(y, 0, 1).reshape(bsz, steps * chunk, *y.shape[3:])[:, :length]
 
 
 def conv_step(window: nn.Variable, x: Array, kernel: Array) -> Array:
@@ -264,12 +297,20 @@ class ConvBlock(nn.Module):
             if decode == "step":
                 h = act(conv_step(inputs, x, k_in))  # [b,1,d] -> [b,1,f]
                 return conv_step(hidden, h, k_out), zero_aux()  # [b,1,f] -> [b,1,d]
-        h = causal_conv(x, k_in, ctx)  # [b,t,d] -> [b,t,f]
-        h = constrain(act(h), ("activation_batch", "activation_length", "activation_mlp"))
-        if decode == "prefill":
+        def branch(x: Array, seg: Array) -> tuple[Array, Array]:
+            h = causal_conv(x, k_in, seg)  # [b,t,d] -> [b,t,f]
+            h = constrain(act(h), ("activation_batch", "activation_length", "activation_mlp"))
+            return causal_conv(h, k_out, seg), h  # [b,t,f] -> [b,t,d]
+
+        if decode == "prefill":  # the caches need the whole row's h
+            y, h = branch(x, ctx.segment_ids)
             inputs.value = last_positions(x, ctx.prefill_lengths, w - 1)
             hidden.value = last_positions(h, ctx.prefill_lengths, w - 1)
-        return causal_conv(h, k_out, ctx), zero_aux()  # [b,t,f] -> [b,t,d]
+            return y, zero_aux()
+        # Rows longer than conv_chunk: chunk by chunk, so that the stacked conv windows
+        # ([b, t, w, d]) and h exist for one chunk at a time; the output reads 2 (w - 1) back.
+        return time_chunked(lambda x, seg: branch(x, seg)[0], x, ctx.segment_ids, cfg.conv_chunk,
+                            2 * (w - 1)), zero_aux()
 
 
 # ------------------------------------------------------------------ mixture of experts

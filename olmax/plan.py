@@ -242,8 +242,8 @@ def compiled_cost(model, partitioner, batch_size: int, length: int, optimizer: C
                   microbatches: int = 1) -> tuple[float, float]:
     """(FLOPs, bytes accessed) per device of one train step, from XLA's cost analysis.
 
-    XLA counts a loop body once, and the step has three loops: the scanned layers, the recall
-    mixer's scan over chunks of long rows, and gradient accumulation. So the step is compiled
+    XLA counts a loop body once, and the step has four loops: the scanned layers, the recall
+    mixer's and the conv block's scans over chunks of long rows, and gradient accumulation. So the step is compiled
     twice more, at depth 1 and 2 with the layers unrolled (OlmaxConfig.scan_layers=False) and
     one chunk per row, for one microbatch; the whole step is then depth 1's cost + (depth - 1)
     x one layer's (depth 2's - depth 1's), times the microbatches. The optimizer update is
@@ -256,7 +256,8 @@ def compiled_cost(model, partitioner, batch_size: int, length: int, optimizer: C
     cfg = model.config
     rows = batch_size // microbatches
     costs = [xla_cost(compile_step(_with_config(model, depth=n, scan_layers=False,
-                                              recall_chunk=max(cfg.recall_chunk, length)),
+                                              recall_chunk=max(cfg.recall_chunk, length),
+                                              conv_chunk=max(cfg.conv_chunk, length)),
                                  partitioner, rows, length, optimizer, 1)[3]) for n in (1, 2)]
     (f1, b1), (f2, b2) = costs
     return (microbatches * (f1 + (cfg.depth - 1) * (f2 - f1)), microbatches * (b1 + (cfg.depth - 1) * (b2 - b1)))

@@ -13,10 +13,10 @@ from olmax import decoding, layers, mixers, models, network
 BASE = network.OlmaxConfig(
     vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
     mixer_block=8, mixer_heads=2, num_heads=2, expert_features=32, expert_group_size=64,
-    # several attention tiles and recall chunks per row: the blockwise kernel's tiling and the
-    # recall mixer's scan over chunks are exercised (with 4 recall features the far part runs
-    # blocked from ~26 tokens on; at 16 a row this short would take the dense path, one chunk)
-    attention_block=16, recall_chunk=16, recall_features=4,
+    # several attention tiles and recall and conv chunks per row: the blockwise kernel's tiling
+    # and the scans over chunks are exercised (with 4 recall features the far part runs blocked
+    # from ~26 tokens on; at 16 a row this short would take the dense path, one chunk)
+    attention_block=16, recall_chunk=16, recall_features=4, conv_chunk=16,
 )
 # capacity_factor = experts / top_k: every expert can take the whole group, nothing drops.
 MOE = dict(num_experts=4, expert_top_k=2, capacity_factor=2.0)

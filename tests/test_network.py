@@ -11,10 +11,10 @@ from olmax import layers, mixers, network, reversible
 BASE = network.OlmaxConfig(
     vocab_size=64, features=32, depth=2, max_length=64, conv_features=32, conv_kernel=3,
     mixer_block=8, mixer_heads=2, num_heads=2, expert_features=32, expert_group_size=64,
-    # several attention tiles and recall chunks per row: the blockwise kernel's tiling and the
-    # recall mixer's scan over chunks are exercised (with 4 recall features the far part runs
-    # blocked from ~26 tokens on; at 16 a row this short would take the dense path, one chunk)
-    attention_block=16, recall_chunk=16, recall_features=4,
+    # several attention tiles and recall and conv chunks per row: the blockwise kernel's tiling
+    # and the scans over chunks are exercised (with 4 recall features the far part runs blocked
+    # from ~26 tokens on; at 16 a row this short would take the dense path, one chunk)
+    attention_block=16, recall_chunk=16, recall_features=4, conv_chunk=16,
 )
 VARIANTS = {
     "recall_rev": dict(mixer="recall", reversible=True),
@@ -207,14 +207,13 @@ def test_causal_conv_numpy_reference(out):
     seg = np.ones((b, t), np.int32)
     seg[1, 9:] = 2
     seg[2] = [1, 2, 2, 3, 4, 4, 4, 5, 5, 5, 5, 5, 6, 7, 7, 7, 7, 0, 0]  # segments of 1-5 tokens, padding
-    ctx = layers.Context(segment_ids=jnp.asarray(seg), positions=jnp.zeros((b, t), jnp.int32))
     ref = np.zeros((b, t, out), np.float32)
     for bi in range(b):
         for ti in range(t):
             for lag in range(k):
                 if ti - lag >= 0 and seg[bi, ti - lag] == seg[bi, ti]:
                     ref[bi, ti] += x[bi, ti - lag] @ kernel[k - 1 - lag]
-    np.testing.assert_allclose(layers.causal_conv(jnp.asarray(x), jnp.asarray(kernel), ctx), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.causal_conv(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(seg)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_axial_mixer_matches_dense_reference():
@@ -441,3 +440,36 @@ def test_forget_spectrum():
     assert half_life[0] > 1e8
     np.testing.assert_allclose(half_life[1:], [1024, 181.02, 32], rtol=1e-3)
     assert np.asarray(mixers.forget_init(16, 1024)(None, (1,))).shape == (1,)
+
+
+def test_conv_block_chunk_by_chunk_is_exact():
+    """The conv block on a long row runs chunk by chunk (each chunk with the 2 (w - 1) positions
+    before it, recomputed in the backward pass): output and gradients for x and both kernels
+    equal the whole-row computation's, with packed segments crossing chunk edges, a segment
+    shorter than the conv's reach and a padded tail."""
+    rng = np.random.RandomState(5)
+    cfg = dataclasses.replace(BASE, conv_kernel=4)
+    b, t = 2, 41  # chunks of 8: five and a padded tail; reach 6
+    x = jnp.asarray(rng.randn(b, t, cfg.features).astype(np.float32))
+    seg = np.ones((b, t), np.int32)
+    seg[1, 7:11], seg[1, 11:30], seg[1, 30:38], seg[1, 38:] = 2, 3, 4, 0
+    ctx = layers.Context(jnp.asarray(seg), jnp.zeros((b, t), jnp.int32))
+    w = jnp.asarray(rng.randn(b, t, cfg.features).astype(np.float32))
+    params = layers.ConvBlock(cfg).init(jax.random.PRNGKey(0), x, ctx)["params"]
+
+    def value_and_grads(chunk):
+        block = layers.ConvBlock(dataclasses.replace(cfg, conv_chunk=chunk))
+
+        def loss(params, x):
+            y = block.apply({"params": params}, x, ctx)[0]
+            return jnp.sum(y * w), y
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+    (_, y), grads = value_and_grads(8)
+    (_, y_ref), grads_ref = value_and_grads(64)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert float(jnp.abs(ref).max()) > 1e-3
+        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="conv_chunk=4 must be >= 2 \\(conv_kernel - 1\\) = 6"):
+        dataclasses.replace(cfg, conv_chunk=4)
