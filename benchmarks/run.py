@@ -348,7 +348,8 @@ def throughput(s: Sizes, out: str) -> Section:
             "reversible backward's recomputation; depth 1 because XLA counts a scan body once, whatever the "
             "number of layers). Dotted lines in the plot: olmax.perf.train_flops_per_token (model FLOPs). "
             "XLA counts a loop body once too: the blockwise attention kernel's tile loops and the recall "
-            "mixer's scan over chunks (rows > 4096) are under-counted there; the model FLOPs are not.",
+            "mixer's and the conv block's scans over chunks (rows > recall_chunk, > conv_chunk) are under-counted "
+            "there; the model FLOPs are not.",
             "attention: olmax/attention.py's blockwise (flash-style) kernel, the baseline a user would run off "
             "GPU: an online softmax over 512 x 512 tiles with a custom VJP, nothing N x N in forward or backward. "
             "(Before it, the baseline materialized [heads, N, N] fp32 scores: 4.1 GiB at 8192, 16 GiB at 16384.)",
