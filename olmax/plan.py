@@ -74,8 +74,41 @@ DEVICE_BANDWIDTH = {
 }
 
 
+# Lanes of a TPU's matrix unit: every matmul dimension is padded up to a multiple of this.
+TPU_LANES = 128
+
+
 class DoesNotFit(ValueError):
     pass
+
+
+def tile_use(config, lanes: int = TPU_LANES) -> dict[str, tuple[int, int]]:
+    """{name: (width, padded width)} of the recall mixer's own matmul widths on `lanes`-wide
+    tiles: F = feature_size(recall_features), the rows of each head's recall state that every
+    read contracts; c, the head width; K, the window's keys per tile. A width just past a
+    multiple of `lanes` (F = 136 at 16 recall features) costs nearly a whole tile more; XLA's
+    CPU program, which the rest of the plan reads, does not show it. Empty for other mixers."""
+    if config.mixer != "recall":
+        return {}
+    from olmax.mixers import feature_size
+
+    widths = {"F": feature_size(config.recall_features), "c": config.features // config.num_heads,
+              "K": config.block_size}
+    return {name: (w, -(-w // lanes) * lanes) for name, w in widths.items()}
+
+
+def _tile_advice(tiles: dict[str, tuple[int, int]], recall_features: int) -> str:
+    """The tile row of `report`, with the recall_features whose F fits the tiles F now spills from."""
+    from olmax.mixers import feature_size
+
+    text = ", ".join(f"{n} {w}" + (f" -> {p} ({100 * w / p:.0f}%)" if p != w else " (100%)")
+                     for n, (w, p) in tiles.items())
+    width, padded = tiles["F"]
+    fits = padded - TPU_LANES
+    if width > fits > 0:
+        r = max(r for r in range(1, recall_features) if feature_size(r) <= fits)
+        text += f"; recall_features={r} gives F={feature_size(r)} (a model change: retrain, re-measure recall)"
+    return text
 
 
 @dataclasses.dataclass
@@ -105,6 +138,9 @@ class Plan:
     total_param_bytes: int = 0  # unsharded, all devices together
     # Cross-device collectives of the compiled step: {op: (count, bytes per device)}; see `collectives`.
     collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # The recall mixer's matmul widths on a TPU's tiles, `tile_use` (empty off TPU or for other mixers).
+    tiles: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    recall_features: int = 0
 
     @property
     def devices(self) -> int:
@@ -265,9 +301,10 @@ def compiled_cost(model, partitioner, batch_size: int, length: int, optimizer: C
 
 def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable | None = None, microbatches: int = 1,
          peak_flops: float = 275e12, utilization: float = 0.6, device_memory_bytes: int | None = None,
-         memory_bandwidth: float | None = None, cost: bool = True) -> Plan:
+         memory_bandwidth: float | None = None, cost: bool = True, lanes: int | None = None) -> Plan:
     """Compiles the train step for `partitioner`'s mesh from abstract shapes and measures it
-    (`cost`: and XLA's FLOPs and bytes of it, `compiled_cost`: two more compiles)."""
+    (`cost`: and XLA's FLOPs and bytes of it, `compiled_cost`: two more compiles; `lanes`: the
+    matrix unit's tile width, for `tile_use`)."""
     import jax
     import numpy as np
 
@@ -308,6 +345,8 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
         compiled_flops=flops,
         compiled_bytes=accessed,
         memory_bandwidth=memory_bandwidth,
+        tiles=tile_use(model.config, lanes) if lanes else {},
+        recall_features=model.config.recall_features,
     )
 
 
@@ -391,6 +430,8 @@ def report(p: Plan) -> str:
         ("collectives (a loop body once)", ", ".join(f"{op} {n} ({_fmt_bytes(b).strip()})"
                                                      for op, (n, b) in sorted(p.collectives.items())) or "none"),
     ]
+    if p.tiles:
+        rows.append((f"recall widths on {TPU_LANES}-lane tiles", _tile_advice(p.tiles, p.recall_features)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -478,7 +519,8 @@ def main(argv) -> None:
     optimizer = functools.partial(optim.create_optimizer, total_steps=total_steps)
     try:
         p = plan(model, partitioner, int(batch_size), int(length), optimizer, int(microbatches), peak,
-                 fl.utilization, int(memory_gb * GIB), bandwidth)
+                 fl.utilization, int(memory_gb * GIB), bandwidth,
+                 lanes=TPU_LANES if fl.device_kind.startswith("TPU") else None)
     except ValueError as e:
         raise SystemExit(f"olmax.plan: {e}") from None
     print(json.dumps(p.as_dict()) if fl.json else report(p), flush=True)
