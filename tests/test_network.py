@@ -337,23 +337,25 @@ def test_recall_mixer_projects_chunk_by_chunk_exactly():
     params = mixers.RecallMixer(cfg).init(jax.random.PRNGKey(0), x, ctx)["params"]
     params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.randn(*p.shape).astype(np.float32)), params)
 
-    def value_and_grads(chunk):
-        mixer = mixers.RecallMixer(dataclasses.replace(cfg, recall_chunk=chunk))
+    _assert_chunks_exact(lambda chunk: mixers.RecallMixer(dataclasses.replace(cfg, recall_chunk=chunk)),
+                         params, x, ctx, w, 16, 4096, atol=5e-5, rtol=1e-4)
 
+
+def _assert_chunks_exact(module, params, x, ctx, w, chunk, whole, atol, rtol):
+    """module(chunk) applied chunk by chunk has module(whole)'s output and gradients (for x and
+    every parameter) under the loss sum(y * w); no gradient is trivially zero."""
+    def value_and_grads(size):
         def loss(params, x):
-            y = mixer.apply({"params": params}, x, ctx)[0]
+            y = module(size).apply({"params": params}, x, ctx)[0]
             return jnp.sum(y * w), y
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
-    (_, y), grads = value_and_grads(16)
-    (_, y_ref), grads_ref = value_and_grads(4096)
-    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-4)
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        ref = grads_ref
-        for key in path:
-            ref = ref[key.idx if hasattr(key, "idx") else key.key]
+    (_, y), grads = value_and_grads(chunk)
+    (_, y_ref), grads_ref = value_and_grads(whole)
+    np.testing.assert_allclose(y, y_ref, atol=atol, rtol=rtol)
+    for (path, g), ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
         assert float(jnp.abs(ref).max()) > 1e-4, path
-        np.testing.assert_allclose(g, ref, atol=5e-5, rtol=1e-4, err_msg=str(path))
+        np.testing.assert_allclose(g, ref, atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path))
 
 
 def test_softmax_tiles_is_one_softmax_over_all_keys():
@@ -457,19 +459,7 @@ def test_conv_block_chunk_by_chunk_is_exact():
     w = jnp.asarray(rng.randn(b, t, cfg.features).astype(np.float32))
     params = layers.ConvBlock(cfg).init(jax.random.PRNGKey(0), x, ctx)["params"]
 
-    def value_and_grads(chunk):
-        block = layers.ConvBlock(dataclasses.replace(cfg, conv_chunk=chunk))
-
-        def loss(params, x):
-            y = block.apply({"params": params}, x, ctx)[0]
-            return jnp.sum(y * w), y
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-
-    (_, y), grads = value_and_grads(8)
-    (_, y_ref), grads_ref = value_and_grads(64)
-    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-        assert float(jnp.abs(ref).max()) > 1e-3
-        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
+    _assert_chunks_exact(lambda chunk: layers.ConvBlock(dataclasses.replace(cfg, conv_chunk=chunk)),
+                         params, x, ctx, w, 8, 64, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="conv_chunk=4 must be >= 2 \\(conv_kernel - 1\\) = 6"):
         dataclasses.replace(cfg, conv_chunk=4)
