@@ -661,11 +661,11 @@ def recall_step(window: dict, state: nn.Variable, norm: nn.Variable, errs: tuple
     norm.value, norm_err.value = compensated_decay_add(norm.value, norm_err.value, decay_m1[..., None], entering)
     keys, values = (jnp.swapaxes(a[:, 1:], 1, 2) for a in (keys, values))  # [b,h,K,c]: positions t-K+1 .. t
     valid = t[:, None] - block + 1 + jnp.arange(block)[None, :] >= 0  # [b,j]; t itself always
-    window = softmax_tiles(q[:, 0, :, None], [(keys, values, valid[:, None, None])])  # [b,h,1,c], [b,h,1]
+    out, lse = softmax_tiles(q[:, 0, :, None], [(keys, values, valid[:, None, None])])  # [b,h,1,c], [b,h,1]
     fq = quadratic_features(ql[:, 0])  # [b,h,F]
     num = jnp.einsum("bhf,bhfc->bhc", fq, state.value)
     den = jnp.einsum("bhf,bhf->bh", fq, norm.value)
-    y = joint_read(window[0][:, :, 0], window[1][:, :, 0], num, den)
+    y = joint_read(out[:, :, 0], lse[:, :, 0], num, den)
     return y.astype(values.dtype)[:, None]
 
 

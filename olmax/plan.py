@@ -97,7 +97,7 @@ def tile_use(config, lanes: int = TPU_LANES) -> dict[str, tuple[int, int]]:
     return {name: (w, -(-w // lanes) * lanes) for name, w in widths.items()}
 
 
-def _tile_advice(tiles: dict[str, tuple[int, int]], recall_features: int) -> str:
+def _tile_advice(tiles: dict[str, tuple[int, int]]) -> str:
     """The tile row of `report`, with the recall_features whose F fits the tiles F now spills from."""
     from olmax.mixers import feature_size
 
@@ -106,7 +106,7 @@ def _tile_advice(tiles: dict[str, tuple[int, int]], recall_features: int) -> str
     width, padded = tiles["F"]
     fits = padded - TPU_LANES
     if width > fits > 0:
-        r = max(r for r in range(1, recall_features) if feature_size(r) <= fits)
+        r = max(r for r in range(1, fits + 1) if feature_size(r) <= fits)
         text += f"; recall_features={r} gives F={feature_size(r)} (a model change: retrain, re-measure recall)"
     return text
 
@@ -140,7 +140,6 @@ class Plan:
     collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # The recall mixer's matmul widths on a TPU's tiles, `tile_use` (empty off TPU or for other mixers).
     tiles: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
-    recall_features: int = 0
 
     @property
     def devices(self) -> int:
@@ -346,7 +345,6 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
         compiled_bytes=accessed,
         memory_bandwidth=memory_bandwidth,
         tiles=tile_use(model.config, lanes) if lanes else {},
-        recall_features=model.config.recall_features,
     )
 
 
@@ -431,7 +429,7 @@ def report(p: Plan) -> str:
                                                      for op, (n, b) in sorted(p.collectives.items())) or "none"),
     ]
     if p.tiles:
-        rows.append((f"recall widths on {TPU_LANES}-lane tiles", _tile_advice(p.tiles, p.recall_features)))
+        rows.append((f"recall widths on {TPU_LANES}-lane tiles", _tile_advice(p.tiles)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -147,9 +147,9 @@ def test_recall_widths_on_tpu_tiles():
     cfg = dataclasses.replace(CFG, features=512, num_heads=8, mixer_heads=8, mixer_block=64, recall_features=16)
     tiles = plan.tile_use(cfg)
     assert tiles == {"F": (136, 256), "c": (64, 128), "K": (64, 128)}
-    assert plan._tile_advice(tiles, 16) == ("F 136 -> 256 (53%), c 64 -> 128 (50%), K 64 -> 128 (50%); "
+    assert plan._tile_advice(tiles) == ("F 136 -> 256 (53%), c 64 -> 128 (50%), K 64 -> 128 (50%); "
                                             "recall_features=15 gives F=120 (a model change: retrain, re-measure recall)")
     fits = plan.tile_use(dataclasses.replace(cfg, recall_features=15, features=1024))
     assert fits == {"F": (120, 128), "c": (128, 128), "K": (64, 128)}
-    assert "recall_features=" not in plan._tile_advice(fits, 15)
+    assert "recall_features=" not in plan._tile_advice(fits)
     assert plan.tile_use(dataclasses.replace(cfg, mixer="attention")) == {}
