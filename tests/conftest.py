@@ -1,7 +1,10 @@
-"""Shared test set-up: 8 simulated CPU devices (for sharding tests), fp32 matmuls."""
+"""Shared test set-up: 8 simulated CPU devices (for sharding tests), fp32 matmuls, fast compiles
+(fast_compile.py)."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from fast_compile import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(devices=8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

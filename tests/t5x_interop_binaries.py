@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from fast_compile import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 TASK = "olmax_next_line"  # t5x_interop_tasks.TASK (that module imports tensorflow)
@@ -53,7 +55,7 @@ def env(devices: int = 1) -> dict:
     out = dict(os.environ)
     out["PYTHONPATH"] = os.pathsep.join([REPO, TESTS] + [p for p in [out.get("PYTHONPATH")] if p])
     out["PYTHON"] = sys.executable  # for t5x-run
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out["XLA_FLAGS"] = xla_flags(devices)
     out.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     out.update(COMPILE_CACHE)
     return out

@@ -104,7 +104,9 @@ def check_section(out: str, name: str, rows_expected: int | None, allow_missing:
 def quick_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bench"))
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it (conftest asks for 8)
+    # One CPU device, as a user would run it (conftest asks for 8), and XLA's default compiles:
+    # the quick sections are timed loops, which fast_compile's flags slow more than they speed the compiles.
+    env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--out", out],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,

@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+from fast_compile import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
     "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
@@ -29,7 +31,7 @@ def _compile_cache(binaries_compile_cache):
 
 
 def run(module, *args, cwd=REPO, env=None, check=True):
-    environment = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", **CACHE,
+    environment = dict(os.environ, XLA_FLAGS=xla_flags(), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", **CACHE,
                        **(env or {}))
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=600)

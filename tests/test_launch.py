@@ -26,7 +26,8 @@ def test_shell_join_round_trips():
     assert shell_join(["--gin.MODEL_DIR='runs/x'"]) == "\"--gin.MODEL_DIR='runs/x'\""
 
 
-def test_local_dry_run(capsys):
+def test_local_dry_run(capsys, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS")  # the dry run prints the flags it adds to those of the calling shell
     lines = _lines(capsys, local.main, ["--num_processes", "2", "--devices_per_process", "2", "--port", "4321",
                                         "--dry_run", "--", *GIN])
     assert lines[-1] == "wait" and len(lines) == 3

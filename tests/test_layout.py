@@ -8,6 +8,8 @@ import zipfile
 
 import pytest
 
+from fast_compile import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARIES = {"olmax.train", "olmax.eval", "olmax.infer", "olmax.plan"}
 SOURCE_DIRS = ("olmax", "olmax_tasks", "benchmarks", "launch")
@@ -78,7 +80,7 @@ def _checkout_only_env():
     """The checkout on PYTHONPATH, no site processing: an installed olmax (editable or not) is invisible."""
     sites = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]  # venv + system
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
-    env.update(PYTHONPATH=os.pathsep.join([REPO, *sites]), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=os.pathsep.join([REPO, *sites]), XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
     return env
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 
 from olmax import multihost, partitioning
+from fast_compile import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +101,7 @@ def _env(**extra):
 
 def _train_one_process(devices, args, timeout=400):
     proc = subprocess.run([sys.executable, "-m", "olmax.train", *args], cwd=REPO, capture_output=True, text=True,
-                          env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"), timeout=timeout)
+                          env=_env(XLA_FLAGS=xla_flags(devices)), timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"olmax.train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc.stderr

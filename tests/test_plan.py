@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from olmax import models, network, optim, partitioning, plan, trainer
+from fast_compile import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = network.OlmaxConfig(vocab_size=128, features=64, depth=2, max_length=64, conv_features=128, conv_kernel=3,
@@ -120,7 +121,7 @@ def test_parse_mesh():
 
 @pytest.mark.slow
 def test_command_line_refusal_exit_code(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "olmax.plan", "--gin_file=gin/models/tiny.gin", "--mesh", "data=2,model=2",
                            "--batch_size", "4", "--length", "64", "--device_memory_gb", "0.001"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -135,7 +136,7 @@ def test_command_line_refusal_exit_code(tmp_path):
     (["--device_memory_gb=-1"], "--device_memory_gb=-1.0 must be positive"),
 ])
 def test_command_line_errors_before_any_device(flags, message):
-    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "olmax.plan", "--gin_file=gin/models/tiny.gin", *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from olmax import models, network, optim, partitioning, trainer, utils
+from fast_compile import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -30,7 +31,7 @@ TINY = [
     "--gin.network.OlmaxConfig.conv_features=32",
     "--gin.train.train.peak_flops=1e11",  # MFU's reference given: no 3 s matmul measurement at each start
 ]
-ENV = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from olmax import checkpoints, gin_utils, optim, utils, validation
+from fast_compile import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
 
 
 @pytest.fixture(scope="module", autouse=True)
