@@ -27,7 +27,8 @@ multi-billion-parameter model plans on a laptop. It reports, per device:
       --utilization) and XLA bytes / (memory bandwidth x --utilization), peak and
       bandwidth from the datasheet of --device_kind; MFU = model FLOPs / (step time x
       peak). The gradient all-reduce and the model-parallel collectives are listed
-      (count and bytes, from the step's HLO), not timed.
+      (count and bytes per step, from the step's HLO, loops counted by their trip counts),
+      not timed.
 It exits with status 2 and a message naming the memory needed, the memory
 available and what to change when the step does not fit in --device_memory_gb.
 """
@@ -137,7 +138,15 @@ class Plan:
     device_memory_bytes: int | None = None
     total_param_bytes: int = 0  # unsharded, all devices together
     # Cross-device collectives of the compiled step: {op: (count, bytes per device)}; see `collectives`.
+    # As written (a loop body once), and per step: every iteration of every loop, so a weight
+    # gradient's all-reduce inside a scan over a row's chunks once per chunk, as the CPU
+    # compiler leaves it.
     collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    collectives_per_step: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # Per step with each layer's collectives once per microbatch (the cost compiles, one chunk
+    # per row): what the step moves when the accelerator's compiler sinks those per-chunk
+    # all-reduces, whose results are only summed across the loop, out of it. Empty without `cost`.
+    collectives_unchunked: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # The recall mixer's matmul widths on a TPU's tiles, `tile_use` (empty off TPU or for other mixers).
     tiles: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
@@ -214,25 +223,83 @@ _COLLECTIVE = re.compile(r"= (\S.*?) (%s)(?:-start)?\(" % "|".join(COLLECTIVES))
 _ARRAY = re.compile(r"\b(pred|bf16|[suf]\d+)\[([\d,]*)\]")
 
 
-def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) ")  # a computation's first line: [ENTRY] %name (params) -> ... {
+_CALLEE = re.compile(r"\b(condition|body|to_apply|calls|branch_computations)=(\{[^}]*\}|%[^\s,)]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """({computation name: its instruction lines}, the entry computation's name) of HLO text."""
+    bodies: dict[str, list[str]] = {}
+    entry, lines = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m is not None and line.rstrip().endswith("{"):
+            lines = bodies.setdefault(m.group(2), [])
+            entry = m.group(2) if m.group(1) else entry
+        elif line.startswith("}"):
+            lines = None
+        elif lines is not None:
+            lines.append(line)
+    return bodies, entry
+
+
+def _executions(bodies: dict[str, list[str]], entry: str) -> dict[str, int]:
+    """How many times each computation runs per call of `entry`: a while loop's body runs its
+    known trip count (XLA's `known_trip_count`; 1 where XLA does not know it) times per run of
+    the computation holding the loop; a computation called from several places adds them up."""
+    calls: dict[str, list[tuple[str, int]]] = {}
+    for name, lines in bodies.items():
+        for line in lines:
+            trip = _TRIP_COUNT.search(line)
+            for kind, callees in _CALLEE.findall(line):
+                for callee in re.findall(r"%([^\s,}]+)", callees):
+                    times = int(trip.group(1)) if trip and kind in ("body", "condition") else 1
+                    calls.setdefault(name, []).append((callee, times))
+    order: list[str] = []  # post-order, callees before their callers (HLO's call graph has no cycles)
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        seen.add(name)
+        for callee, _ in calls.get(name, ()):
+            if callee not in seen:
+                visit(callee)
+        order.append(name)
+
+    visit(entry)
+    runs = {name: 0 for name in order}
+    runs[entry] = 1
+    for name in reversed(order):
+        for callee, n in calls.get(name, ()):
+            runs[callee] += runs[name] * n
+    return runs
+
+
+def collectives(hlo_text: str, per_step: bool = False) -> dict[str, tuple[int, int]]:
     """{op: (count, bytes)} of the cross-device collectives in a compiled program's HLO text
     (`compiled.as_text()`), bytes = the size of each op's result on one device, summed.
 
-    Counted as written: an op inside a loop body (the scanned layer stack) counts once, not
-    once per iteration, so compare programs of equal depth rather than read it as traffic per step.
+    per_step False: counted as written, an op inside a loop body (the scanned layer stack, a
+    scan over chunks of a row) once, so compare programs of equal depth. per_step True: each op
+    times the runs of its computation (`_executions`: the trip counts of the loops around it),
+    the collectives of one call of the program.
     """
+    bodies, entry = _computations(hlo_text)
+    runs = _executions(bodies, entry) if per_step and entry else {}
     out: dict[str, list[int]] = {}
-    for line in hlo_text.splitlines():
-        m = _COLLECTIVE.search(line)
-        if m is None:
-            continue
-        size = 0
-        for dtype, dims in _ARRAY.findall(m.group(1)):
-            bits = 8 if dtype == "pred" else 16 if dtype == "bf16" else int(dtype[1:])
-            size += math.prod(int(n) for n in dims.split(",") if n) * bits // 8
-        entry = out.setdefault(m.group(2), [0, 0])
-        entry[0] += 1
-        entry[1] += size
+    for name, lines in bodies.items():
+        times = runs.get(name, 0) if per_step else 1
+        for line in lines:
+            m = _COLLECTIVE.search(line)
+            if m is None or not times:
+                continue
+            size = 0
+            for dtype, dims in _ARRAY.findall(m.group(1)):
+                bits = 8 if dtype == "pred" else 16 if dtype == "bf16" else int(dtype[1:])
+                size += math.prod(int(n) for n in dims.split(",") if n) * bits // 8
+            acc = out.setdefault(m.group(2), [0, 0])
+            acc[0] += times
+            acc[1] += times * size
     return {op: (n, b) for op, (n, b) in out.items()}
 
 
@@ -288,14 +355,24 @@ def compiled_cost(model, partitioner, batch_size: int, length: int, optimizer: C
     FLOPs). The attention baseline's blockwise kernel loops over tiles with index-dependent trip
     counts, which stay loops: its tiles are counted once, their traffic like a fused kernel's
     (which keeps tiles on chip) and their FLOPs by `Plan.compute_seconds`' analytic floor."""
+    return _unrolled(model, partitioner, batch_size, length, optimizer, microbatches)[0]
+
+
+def _unrolled(model, partitioner, batch_size: int, length: int, optimizer: Callable | None,
+              microbatches: int) -> tuple[tuple[float, float], dict[str, tuple[int, int]]]:
+    """`compiled_cost`, and the collectives of the step the same two compiles extrapolate to:
+    {op: (count, bytes per device)} per step, each layer's once per microbatch (one chunk per
+    row: no collective inside a scan over a row's chunks)."""
     cfg = model.config
     rows = batch_size // microbatches
-    costs = [xla_cost(compile_step(_with_config(model, depth=n, scan_layers=False,
-                                              recall_chunk=max(cfg.recall_chunk, length),
-                                              conv_chunk=max(cfg.conv_chunk, length)),
-                                 partitioner, rows, length, optimizer, 1)[3]) for n in (1, 2)]
-    (f1, b1), (f2, b2) = costs
-    return (microbatches * (f1 + (cfg.depth - 1) * (f2 - f1)), microbatches * (b1 + (cfg.depth - 1) * (b2 - b1)))
+    programs = [compile_step(_with_config(model, depth=n, scan_layers=False, recall_chunk=max(cfg.recall_chunk, length),
+                                          conv_chunk=max(cfg.conv_chunk, length)),
+                             partitioner, rows, length, optimizer, 1)[3] for n in (1, 2)]
+    whole = lambda one, two: microbatches * (one + (cfg.depth - 1) * (two - one))  # noqa: E731
+    (f1, b1), (f2, b2) = map(xla_cost, programs)
+    c1, c2 = (collectives(p.as_text(), per_step=True) for p in programs)
+    ops = {op: tuple(int(whole(c1.get(op, (0, 0))[i], c2.get(op, (0, 0))[i])) for i in (0, 1)) for op in {*c1, *c2}}
+    return (whole(f1, f2), whole(b1, b2)), ops
 
 
 def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable | None = None, microbatches: int = 1,
@@ -319,8 +396,8 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
     batch_bytes = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
     arg_bytes = int(mem.argument_size_in_bytes) if mem is not None else param_bytes + opt_bytes + batch_bytes
     out_bytes = int(mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem is not None else 0
-    flops, accessed = (compiled_cost(model, partitioner, batch_size, length, optimizer, microbatches)
-                       if cost else (0.0, 0.0))
+    (flops, accessed), unchunked = (_unrolled(model, partitioner, batch_size, length, optimizer, microbatches)
+                                    if cost else ((0.0, 0.0), {}))
     return Plan(
         mesh=dict(partitioner.mesh.shape),
         batch_size=batch_size,
@@ -341,6 +418,8 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
         total_param_bytes=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                               for x in jax.tree.leaves(setup.param_shapes)),
         collectives=collectives(compiled.as_text()),
+        collectives_per_step=collectives(compiled.as_text(), per_step=True),
+        collectives_unchunked=unchunked,
         compiled_flops=flops,
         compiled_bytes=accessed,
         memory_bandwidth=memory_bandwidth,
@@ -425,13 +504,20 @@ def report(p: Plan) -> str:
                       f"memory {p.memory_seconds:.3g} s)"),
         ("expected MFU", f"{100 * p.expected_mfu:.1f}%"),
         ("tokens/s (whole mesh)", f"{p.tokens_per_second:,.0f}"),
-        ("collectives (a loop body once)", ", ".join(f"{op} {n} ({_fmt_bytes(b).strip()})"
-                                                     for op, (n, b) in sorted(p.collectives.items())) or "none"),
+        ("collectives per step", _fmt_collectives(p.collectives_per_step)
+         + " (every loop iteration, as the CPU program has them)"),
     ]
+    if p.collectives_unchunked:
+        rows.append(("  each layer's once", _fmt_collectives(p.collectives_unchunked)
+                     + " (if the accelerator's compiler sinks the per-chunk gradient all-reduces)"))
     if p.tiles:
         rows.append((f"recall widths on {TPU_LANES}-lane tiles", _tile_advice(p.tiles)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _fmt_collectives(ops: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{op} {n:,}: {_fmt_bytes(b).strip()}" for op, (n, b) in sorted(ops.items()) if n) or "none"
 
 
 def parse_mesh(text: str) -> dict[str, int]:

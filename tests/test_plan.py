@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from olmax import models, network, optim, partitioning, plan, trainer
 from fast_compile import xla_flags
@@ -20,9 +22,9 @@ def _optimizer(axes):
     return optim.create_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, axes=axes)
 
 
-def _plan(mesh_shape, batch=8, length=64, **kw):
+def _plan(mesh_shape, batch=8, length=64, cfg=CFG, **kw):
     partitioner = partitioning.PjitPartitioner(mesh_shape=mesh_shape)
-    return plan.plan(models.DecoderOnlyLM(network.Olmax(CFG)), partitioner, batch, length, _optimizer, **kw)
+    return plan.plan(models.DecoderOnlyLM(network.Olmax(cfg)), partitioner, batch, length, _optimizer, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,40 @@ def test_compiled_cost_counts_every_layer():
     assert flops == pytest.approx(exact[0], rel=0.01) and accessed == pytest.approx(exact[1], rel=0.05)
     scanned = plan.xla_cost(plan.compile_step(model, partitioner, 2, 64, _optimizer, 1)[3])
     assert scanned[0] < 0.8 * flops
+
+
+def test_collectives_per_step_count_every_loop_iteration():
+    """A gradient summed over the batch-sharded rows in each step of a scan of 4 inside a scan
+    of 3: one all-reduce as written, 12 per call."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    x = jax.ShapeDtypeStruct((8, 4, 16), np.float32, sharding=jax.sharding.NamedSharding(mesh, P("data")))
+    w = jax.ShapeDtypeStruct((16, 16), np.float32, sharding=jax.sharding.NamedSharding(mesh, P()))
+
+    def step(w, x):
+        def outer(total, rows):
+            def inner(total, row):
+                return total + jnp.einsum("bi,bj->ij", row, row @ w), None
+            return jax.lax.scan(inner, total, jnp.moveaxis(rows, 1, 0))[0], None
+        return jax.lax.scan(outer, jnp.zeros((16, 16)), jnp.stack([x, x, x]))[0]
+
+    text = jax.jit(step, out_shardings=jax.sharding.NamedSharding(mesh, P())).lower(w, x).compile().as_text()
+    assert plan.collectives(text) == {"all-reduce": (1, 16 * 16 * 4)}
+    assert plan.collectives(text, per_step=True) == {"all-reduce": (12, 12 * 16 * 16 * 4)}
+
+
+def test_collectives_with_and_without_chunk_loops(sharded):
+    """No row here is longer than a chunk: the scanned step's collectives, its layer loop counted
+    by its trip count, move what the unrolled depth-1/depth-2 extrapolation moves. In chunks of
+    16 positions the CPU program reduces the chunked weights' gradients once per chunk (more
+    bytes per step), and the extrapolation, one chunk per row, is the unchunked step's."""
+    moved = lambda ops: ops["all-reduce"][1]  # noqa: E731
+    assert moved(sharded.collectives_per_step) == moved(sharded.collectives_unchunked) > 0
+    assert sharded.collectives_per_step["all-gather"] == sharded.collectives["all-gather"]  # outside every loop
+    chunked = _plan({"data": 4, "model": 2}, cfg=dataclasses.replace(CFG, recall_chunk=16, conv_chunk=16))
+    assert moved(chunked.collectives_unchunked) == moved(sharded.collectives_unchunked)
+    assert moved(chunked.collectives_per_step) > 1.4 * moved(sharded.collectives_per_step)
+    report = plan.report(chunked)
+    assert "collectives per step" in report and "each layer's once" in report
 
 
 def test_a_mesh_that_cannot_split_a_parameter_is_named():
