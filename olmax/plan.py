@@ -396,6 +396,7 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
     batch_bytes = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
     arg_bytes = int(mem.argument_size_in_bytes) if mem is not None else param_bytes + opt_bytes + batch_bytes
     out_bytes = int(mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem is not None else 0
+    hlo = compiled.as_text()  # the step's program text, read for its collectives
     (flops, accessed), unchunked = (_unrolled(model, partitioner, batch_size, length, optimizer, microbatches)
                                     if cost else ((0.0, 0.0), {}))
     return Plan(
@@ -417,8 +418,8 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
         device_memory_bytes=device_memory_bytes,
         total_param_bytes=sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                               for x in jax.tree.leaves(setup.param_shapes)),
-        collectives=collectives(compiled.as_text()),
-        collectives_per_step=collectives(compiled.as_text(), per_step=True),
+        collectives=collectives(hlo),
+        collectives_per_step=collectives(hlo, per_step=True),
         collectives_unchunked=unchunked,
         compiled_flops=flops,
         compiled_bytes=accessed,
