@@ -227,10 +227,18 @@ def causal_conv(x: Array, kernel: Array, segment_ids: Array) -> Array:
     def shifted(a: Array, lag: int) -> Array:  # a[t - lag], zero across a segment start
         return shift_right(a, lag) * same[lag].astype(a.dtype) if lag else a
 
-    if kernel.shape[1] <= kernel.shape[2]:
+    bsz, length, i = x.shape
+    o = kernel.shape[2]
+    # Both matmuls are written on 2-D operands ([b t, ...] x [..., ...]): their backward
+    # products (dY K^T, X^T dY) then fold into the dot as transposed operands. Written on
+    # [b, t, w, i] they reach XLA:CPU as transposed copies of the kernel and of the
+    # activations, made every layer of every step.
+    if i <= o:
         window = jnp.stack([shifted(x, width - 1 - tap) for tap in range(width)], axis=2)  # [b, t, w, i]
-        return jnp.einsum("btwi,wio->bto", window, kernel)
-    z = jnp.einsum("bti,wio->btwo", x, kernel)  # z[:, s, tap] = x[s] @ kernel[tap]
+        y = window.reshape(bsz * length, width * i) @ kernel.reshape(width * i, o)
+        return y.reshape(bsz, length, o)
+    wide = jnp.transpose(kernel, (1, 0, 2)).reshape(i, width * o)  # [i, (w, o)]
+    z = (x.reshape(bsz * length, i) @ wide).reshape(bsz, length, width, o)  # z[:, s, tap] = x[s] @ kernel[tap]
     return sum(shifted(z[:, :, width - 1 - lag], lag) for lag in range(width))
 
 
