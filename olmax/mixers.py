@@ -35,7 +35,7 @@ import numpy as np
 from olmax.attention import causal_attention
 from olmax.config import OlmaxConfig
 from olmax.layers import (Array, Context, activation, cache_variable, constrain, fan_in_normal, last_positions,
-                          pad_to, param_with_axes, shift_right, slide, write_position, zero_aux)
+                          matmul, pad_to, param_with_axes, shift_right, slide, write_position, zero_aux)
 
 
 # ----------------------------------------------------------------------- axial mixer
@@ -198,7 +198,7 @@ class Attention(nn.Module):
             cached_v = cache_variable(self, decode, "values", kv_shape, cfg.dtype, kv_axes)
             if decode == "init":
                 return jnp.zeros_like(x), zero_aux()
-        q, k, v = (jnp.einsum("btd,de->bte", x, proj[n]).reshape(*x.shape[:2], h, c) for n in ("wq", "wk", "wv"))
+        q, k, v = (matmul(x, proj[n]).reshape(*x.shape[:2], h, c) for n in ("wq", "wk", "wv"))
         q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
         if decode == "step":  # one query per row at t = positions[:, 0], keys from the cache
             t = ctx.positions[:, 0]
@@ -214,7 +214,7 @@ class Attention(nn.Module):
                 cached_v.value = pad_to(v, cached_v.value.shape[1], "attention")
             out = causal_attention(q, k, v, ctx.segment_ids, implementation=cfg.attention_impl,
                                    block=cfg.attention_block, packed=ctx.packed)
-        return jnp.einsum("bte,ed->btd", out.reshape(x.shape), wo), zero_aux()
+        return matmul(out.reshape(x.shape), wo), zero_aux()
 
 
 # --------------------------------------------------------------- axial recall mixer
@@ -441,9 +441,12 @@ def _far_dense(ql, kl, v, gate, log_decay, seg):
     causal = (t[:, None] >= t[None, :]) & (segf[..., :, None] == segf[..., None, :])  # [b,1,N,N]
     A = jnp.cumsum(flat(log_decay), axis=-1)
     decay = jnp.exp(jnp.where(causal, A[..., :, None] - A[..., None, :], -jnp.inf))
-    kern = pair_kernel(flat(ql), flat(kl)) * decay * flat(gate)[..., None, :]
-    num = jnp.einsum("bhts,bhsc->bhtc", kern, flat(v).astype(jnp.float32))
-    return num.reshape(bsz, h, n, block, c), jnp.sum(kern, axis=-1).reshape(bsz, h, n, block)
+    kern = pair_kernel(flat(ql), flat(kl)) * decay
+    # The write gate g_s scales the values and the normalizer's ones ([N] each), not the [N, N] weights.
+    g = flat(gate)
+    num = jnp.einsum("bhts,bhsc->bhtc", kern, flat(v).astype(jnp.float32) * g[..., None])
+    den = jnp.einsum("bhts,bhs->bht", kern, g)
+    return num.reshape(bsz, h, n, block, c), den.reshape(bsz, h, n, block)
 
 
 def softmax_tiles(q: Array, tiles: Sequence[tuple[Array, Array, Array]]) -> tuple[Array, Array]:
@@ -594,7 +597,7 @@ class RecallMixer(nn.Module):
 
         def project(x: Array, positions: Array) -> tuple:
             """x [b,t,d] -> q, k, v, ql, kl [b,t,h,*], gate, log_decay [b,t,h]: one matmul for all."""
-            proj = jnp.einsum("btd,dhe->bthe", x, kernel)  # [b,t,d] -> [b,t,h,3c + 2r + 2]
+            proj = matmul(x, kernel)  # [b,t,d] -> [b,t,h,3c + 2r + 2]
             proj = constrain(proj, ("activation_batch", "activation_length", "activation_heads", None))
             q, k, v, ql, kl, g, f = jnp.split(proj, splits, axis=-1)
             gate = jax.nn.sigmoid(g[..., 0].astype(jnp.float32) + gate_bias)  # [b,t,h]
@@ -603,7 +606,7 @@ class RecallMixer(nn.Module):
 
         if decode is None:  # training and eval: projected chunk by chunk inside the scan over the row
             y = chunked_recall(project, (x, ctx.positions), ctx.segment_ids, block, chunk=cfg.recall_chunk)
-            return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
+            return matmul(y.reshape(bsz, -1, d), wo), zero_aux()
         q, k, v, ql, kl, gate, log_decay = project(x, ctx.positions)
         if decode == "step":
             y = recall_step(window, state, norm, errs, q, k, v, ql, kl, gate, log_decay, ctx.positions[:, 0])
@@ -623,7 +626,7 @@ class RecallMixer(nn.Module):
                 norm.value = jnp.sum(fk, axis=1)
                 for err in errs:  # a blocked sum (matmul): nothing to carry
                     err.value = jnp.zeros_like(err.value)
-        return jnp.einsum("bte,ed->btd", y.reshape(bsz, -1, d), wo), zero_aux()
+        return matmul(y.reshape(bsz, -1, d), wo), zero_aux()
 
 
 def compensated_decay_add(total: Array, err: Array, decay_m1: Array, x: Array) -> tuple[Array, Array]:

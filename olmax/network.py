@@ -260,7 +260,7 @@ class Olmax(nn.Module):
             kernel = nn_partitioning.param_with_axes(
                 "logits_kernel", layers.fan_in_normal((0,)), (cfg.features, cfg.vocab_size), axes=("embed", "vocab")
             )
-        logits = jnp.einsum("btd,dv->btv", x.astype(jnp.float32), kernel)  # [b,t,d] -> [b,t,v] fp32
+        logits = layers.matmul(x.astype(jnp.float32), kernel)  # [b,t,d] -> [b,t,v] fp32
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def _decode_mode(self, decode: bool, prefill: bool, length: int) -> str | None:
