@@ -706,16 +706,19 @@ def write_summary(out: str) -> str:
     """summary.md: every target of every section whose json is in `out`."""
     sections = [s for s in (common.read_section(out, name) for name in SECTIONS + OTHER_SECTIONS) if s is not None]
     targets = [Target(**t) for s in sections for t in s["targets"]]
-    hw = sections[0]["context"]["hardware"] if sections else common.hardware()
+    machines = {common.hardware_line(s["context"]["hardware"]) for s in sections} or {common.hardware_line(common.hardware())}
+    # Sections are rerun one at a time, so they may come from different machines: then each line names its own.
+    one = len(machines) == 1
     lines = [
         "# Olmax benchmarks: summary", "",
-        f"Hardware: {common.hardware_line(hw)}.", "",
+        f"Hardware: {next(iter(machines))}." if one else "Hardware: differs by section; each line names its machine.", "",
         "Sections (each from its own command; see its .md for details):", "",
     ]
     for s in sections:
         c = s["context"]
+        where = "" if one else f", on {common.hardware_line(c['hardware'])}"
         lines.append(f"- [{s['title']}]({s['name']}.md): `{c['command']}`, {c['seconds']:.0f} s, "
-                     f"load {c['load'][0]:.1f} -> {c['load'][1]:.1f}")
+                     f"load {c['load'][0]:.1f} -> {c['load'][1]:.1f}{where}")
     lines += ["", common.targets_table(targets), ""]
     text = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:

@@ -311,3 +311,20 @@ def test_t5x_peer_run_reports_the_binarys_own_peak(tmp_path):
     assert seconds > 0 and swap >= 0 and peak >= small + 0.15 and small < 0.1  # not this process's ~0.2 GiB
     with pytest.raises(RuntimeError, match="boom"):
         t5x_peer.run([sys.executable, "-c", "import sys; sys.exit('boom')"], "unused", lambda msg: None)
+
+
+def test_summary_names_each_sections_machine_when_they_differ(tmp_path):
+    """Sections are rerun one at a time, possibly elsewhere: the summary must not credit them all to one machine."""
+    def context(cpu):
+        hw = {"cpu": cpu, "cores": 2, "device": "cpu (cpu)", "jax": "0", "python": "3"}
+        return {"hardware": hw, "command": "cmd", "seconds": 1.0, "load": [0.0, 0.0], "quick": True}
+
+    section = lambda name: common.Section(name=name, title=name, header=["x"], rows=[[1]])  # noqa: E731
+    common.write_section(str(tmp_path), section("memory"), context("CPU A"))
+    one = run.write_summary(str(tmp_path))
+    assert "Hardware: CPU A, 2 cores" in one and ", on CPU A" not in one
+    common.write_section(str(tmp_path), section("mfu"), context("CPU B"))
+    two = run.write_summary(str(tmp_path))
+    assert "Hardware: differs by section" in two
+    assert "`cmd`, 1 s, load 0.0 -> 0.0, on CPU A, 2 cores" in two
+    assert "`cmd`, 1 s, load 0.0 -> 0.0, on CPU B, 2 cores" in two
