@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from olmax import config as config_lib
 from olmax import multihost, utils
 
 
@@ -160,6 +161,12 @@ class Checkpointer:
                 f"Checkpoint {where} was trained with vocab_size={meta.get('vocab_size')} but the model has "
                 f"vocab_size={self.meta.get('vocab_size')}; use the same vocabulary and OlmaxConfig.vocab_size."
             )
+        changed = function_changes(meta.get("config", {}), self.meta.get("config", {}))
+        if changed:
+            raise CheckpointMismatchError(
+                f"Checkpoint {where} was trained as another function than this model computes, with the same "
+                f"parameter shapes: {'; '.join(changed)}. Bind the checkpoint's values (gin) to restore it."
+            )
         mismatch = first_shape_mismatch(meta.get("shapes", {}), self.meta.get("shapes", {}))
         if mismatch:
             name, saved, want = mismatch
@@ -279,6 +286,42 @@ def _drop_unraisable_coroutine_reports() -> None:
 
     hook.olmax_drops_coroutine_reports = True
     sys.unraisablehook = hook
+
+
+# OlmaxConfig fields that change what trained parameters compute while leaving every shape as
+# it was, so that the shape check cannot see them. The rest either change a shape or only how
+# the same function is computed (dtype, chunk sizes, scan_layers, attention_impl, max_length
+# apart from the block size it implies).
+_FUNCTION_FIELDS = ("mixer", "reversible", "norm", "placement", "activation", "blocks")
+
+
+def _block_size(config: dict) -> int | None:
+    """K of a run's config as a checkpoint records it (every field a string): mixer_block, or
+    the block size max_length implies when it is None; None if the config does not say."""
+    try:
+        if config.get("mixer_block", "None") != "None":
+            return int(config["mixer_block"])
+        return config_lib.mixer_block_for(int(config["max_length"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def function_changes(saved: dict, current: dict) -> list[str]:
+    """What differs, as 'field saved -> current' with the gin binding that restores it, between the
+    config a checkpoint was trained with and the model's (both as run_meta records them). Empty if
+    either side records no config (checkpoints written before configs were recorded)."""
+    if not saved or not current:
+        return []
+    changes = [f"{k} {saved[k]} -> {current[k]} (network.OlmaxConfig.{k})" for k in _FUNCTION_FIELDS
+               if k in saved and k in current and saved[k] != current[k]]
+    # The recall mixer's window and blocks are K wide; its parameters do not depend on K, so a
+    # run restored with another max_length (and mixer_block None) would compute another function.
+    k_saved, k_now = _block_size(saved), _block_size(current)
+    if saved.get("mixer") in ("recall", "axial") and k_saved and k_now and k_saved != k_now:
+        changes.append(f"mixer block size K {k_saved} -> {k_now} (max_length {saved.get('max_length')} -> "
+                       f"{current.get('max_length')}, mixer_block {saved.get('mixer_block')} -> "
+                       f"{current.get('mixer_block')}; keep K with network.OlmaxConfig.mixer_block = {k_saved})")
+    return changes
 
 
 def first_shape_mismatch(have: dict, want: dict) -> tuple[str, Any, Any] | None:

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from olmax import models, network, optim, partitioning, trainer, utils
+from olmax import checkpoints, models, network, optim, partitioning, trainer, utils
 from fast_compile import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +139,35 @@ def test_checkpoint_of_another_shape_is_refused(uninterrupted, tmp_path):
     code, out = finish(start(model_dir, 14, "--gin.network.OlmaxConfig.features=64"))
     assert code != 0
     assert "does not match the model" in out and "[2, 5, 32, 32] in the checkpoint and [2, 5, 64, 32] in the model" in out
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_block_size_is_refused(uninterrupted, tmp_path):
+    """The recall mixer's parameters do not depend on K, so only the recorded config can tell a run
+    restored with a longer max_length (K 16 -> 32 here) from the model it was trained as."""
+    model_dir = str(tmp_path / "longer")
+    shutil.copytree(uninterrupted, model_dir)
+    code, out = finish(start(model_dir, 14, "--gin.network.OlmaxConfig.max_length=512"))
+    assert code != 0
+    assert "mixer block size K 16 -> 32 (max_length 256 -> 512" in out, out[-3000:]
+    assert "network.OlmaxConfig.mixer_block = 16" in out
+
+
+def test_function_changes_name_each_field_and_its_binding():
+    saved = {k: str(v) for k, v in vars(network.OlmaxConfig(max_length=256)).items()}
+    now = lambda **kw: {k: str(v) for k, v in vars(network.OlmaxConfig(**kw)).items()}  # noqa: E731
+    assert checkpoints.function_changes(saved, now(max_length=256)) == []
+    assert checkpoints.function_changes(saved, now(max_length=500)) == []  # same K (16)
+    assert checkpoints.function_changes(saved, now(max_length=2048, mixer_block=16)) == []  # K kept
+    assert checkpoints.function_changes(saved, now(max_length=256, recall_chunk=64, dtype="bfloat16")) == []
+    (k,) = checkpoints.function_changes(saved, now(max_length=1024))
+    assert k.startswith("mixer block size K 16 -> 64") and "mixer_block = 16" in k
+    (act,) = checkpoints.function_changes(saved, now(max_length=256, activation="relu"))
+    assert act == "activation gelu -> relu (network.OlmaxConfig.activation)"
+    # Attention has no block: its max_length may change freely.
+    att = {k: str(v) for k, v in vars(network.OlmaxConfig(max_length=256, mixer="attention")).items()}
+    assert checkpoints.function_changes(att, dict(att, max_length="4096")) == []
+    assert checkpoints.function_changes({}, now(max_length=256)) == []  # nothing recorded: nothing to compare
 
 
 @pytest.mark.slow
