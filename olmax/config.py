@@ -48,6 +48,13 @@ class OlmaxConfig:
     # backward pass: its step memory is that of batch x conv_chunk tokens (its stacked
     # [.., conv_kernel, features] windows and hidden activations), not of the whole row.
     conv_chunk: int = 2048
+    # Data parallel with rows longer than recall_chunk or conv_chunk: the weights used inside those
+    # chunk loops (the recall projection, the conv kernels) get one copy per data shard, so their
+    # gradients are all-reduced once a step instead of once a chunk (layers.per_data_shard). Off by
+    # default: the CPU-compiled 1b step then moves 6-66% fewer all-reduce bytes but reads and writes
+    # 2.5-12% more memory (README, "Plan the pod"), and an accelerator compiler that sinks those
+    # all-reduces out of the loops itself gains nothing from it. Same function either way.
+    reduce_chunk_grads_once: bool = False
     # Block size K of the recall and axial mixers (the recall mixer's softmax window); None:
     # mixer_block_for(max_length), the measured fastest K for rows that long. Read `block_size`.
     mixer_block: int | None = None

@@ -209,22 +209,65 @@ class Norm(nn.Module):
 # ------------------------------------------------------------------ causal convolution
 
 
-def matmul(x: Array, kernel: Array) -> Array:
+def matmul(x: Array, kernel: Array, groups: int = 1) -> Array:
     """x [..., i] times kernel [i, ...] -> [..., ...], written as one 2-D matmul [(...), i] x [i, (...)].
 
     As an einsum over x's batch and length axes ("btd,de->bte") the backward's products
     dX = dY K^T and dK = X^T dY reach XLA:CPU as a transposed copy of dY or X, made every
     layer of every step; on 2-D operands the transposes fold into the dot. Same sums either way.
+
+    groups > 1: kernel is [groups, i, ...] (`per_data_shard`), x's leading axis splits into
+    `groups` equal parts, and part g meets kernel[g]: a batched matmul [g, (...), i] x [g, i, (...)].
     """
+    if groups > 1:
+        lead, tail = x.shape[:-1], kernel.shape[2:]
+        xg = x.reshape(groups, -1, x.shape[-1])
+        return jnp.matmul(xg, kernel.reshape(groups, kernel.shape[1], -1)).reshape(*lead, *tail)
     lead, tail = x.shape[:-1], kernel.shape[1:]
     return (x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[0], -1)).reshape(*lead, *tail)
 
 
-def causal_conv(x: Array, kernel: Array, segment_ids: Array) -> Array:
+def data_shards(batch: int) -> int:
+    """Into how many data-parallel parts the active mesh and logical axis rules split a batch
+    axis ('activation_batch'): 1 outside a mesh, or when `batch` does not divide evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    names = _mesh_names(nn.logical_to_mesh_axes(("activation_batch",))[0])
+    parts = math.prod(mesh.shape[n] for n in names)
+    return parts if parts > 1 and batch % parts == 0 else 1
+
+
+def _mesh_names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def per_data_shard(w: Array, parts: int, axes: tuple) -> Array:
+    """w (logical axes `axes`) as [parts, *w.shape], one copy per data-parallel shard, laid out
+    like the batch (`data_shards`); w itself when parts == 1.
+
+    For weights used inside a scan over chunks of the row (the recall mixer's projection, the
+    conv block): each chunk's weight gradient sums over the batch, which is split over the data
+    axis, so GSPMD all-reduces it inside the loop, once per chunk, to add it to the loop's
+    gradient carry, which is replicated like w. With a copy per shard, each shard's carry sums its
+    own chunks and the broadcast's transpose, after the loop, all-reduces once. A compiler that
+    sinks such all-reduces out of loops by itself (XLA's while-loop all-reduce code motion) gets
+    the same program; one that does not moves the gradient of those weights once a step, not
+    once a chunk."""
+    if parts == 1:
+        return w
+    batch = _mesh_names(nn.logical_to_mesh_axes(("activation_batch",))[0])
+    own = [tuple(n for n in _mesh_names(e) if n not in batch) or None for e in nn.logical_to_mesh_axes(axes)]
+    spec = jax.sharding.PartitionSpec(batch or None, *[e[0] if e and len(e) == 1 else e for e in own])
+    return jax.lax.with_sharding_constraint(jnp.broadcast_to(w, (parts, *w.shape)), spec)
+
+
+def causal_conv(x: Array, kernel: Array, segment_ids: Array, groups: int = 1) -> Array:
     """Causal, segment-masked convolution.
 
     x: [b, t, i], kernel: [w, i, o] (tap w-1 multiplies x[t], tap 0 x[t-w+1]),
-    segment_ids: [b, t] (`Context`) -> [b, t, o].
+    segment_ids: [b, t] (`Context`) -> [b, t, o]. groups > 1: kernel [groups, w, i, o], one copy
+    per data-parallel shard of the batch (`per_data_shard`).
     A lag that crosses a segment boundary is masked per (position, lag), which XLA's
     convolution cannot express, so the conv is one matmul over a w-wide window of the
     narrower side: when i <= o, the masked, shifted inputs stacked to [b, t, w, i] times
@@ -232,20 +275,22 @@ def causal_conv(x: Array, kernel: Array, segment_ids: Array) -> Array:
     shifted, masked and summed. One large matmul and w copies of min(i, o) channels beat
     w matmuls with w shifted copies of x (~1.4x for the tiny model's conv block, fwd+bwd).
     """
-    width = kernel.shape[0]
+    width = kernel.shape[-3]
     same = {lag: (segment_ids == shift_right(segment_ids, lag))[..., None] for lag in range(1, width)}
 
     def shifted(a: Array, lag: int) -> Array:  # a[t - lag], zero across a segment start
         return shift_right(a, lag) * same[lag].astype(a.dtype) if lag else a
 
     bsz, length, i = x.shape
-    o = kernel.shape[2]
+    o = kernel.shape[-1]
+    lead = kernel.shape[:-3]  # (groups,) or ()
     # Both as 2-D matmuls (`matmul`): on [b, t, w, i] the backward made transposed copies of
     # the kernel and the windows (small config: 12% of the CPU step).
     if i <= o:
         window = jnp.stack([shifted(x, width - 1 - tap) for tap in range(width)], axis=2)  # [b, t, w, i]
-        return matmul(window.reshape(bsz, length, width * i), kernel.reshape(width * i, o))
-    z = matmul(x, jnp.transpose(kernel, (1, 0, 2)))  # [b, t, w, o]: z[:, s, tap] = x[s] @ kernel[tap]
+        return matmul(window.reshape(bsz, length, width * i), kernel.reshape(*lead, width * i, o), groups)
+    wide = jnp.swapaxes(kernel, -3, -2)  # [.., i, w, o]
+    z = matmul(x, wide, groups)  # [b, t, w, o]: z[:, s, tap] = x[s] @ kernel[tap]
     return sum(shifted(z[:, :, width - 1 - lag], lag) for lag in range(width))
 
 
@@ -312,10 +357,16 @@ class ConvBlock(nn.Module):
             if decode == "step":
                 h = act(conv_step(inputs, x, k_in))  # [b,1,d] -> [b,1,f]
                 return conv_step(hidden, h, k_out), zero_aux()  # [b,1,f] -> [b,1,d]
+        # cfg.reduce_chunk_grads_once: one copy of each kernel per data-parallel shard, so that the
+        # chunks' weight gradients are all-reduced once a step, not once a chunk (`per_data_shard`).
+        parts = data_shards(x.shape[0]) if cfg.reduce_chunk_grads_once else 1
+        g_in, g_out = (per_data_shard(k, parts, ax) for k, ax in ((k_in, ("conv_window", "embed", "mlp")),
+                                                                   (k_out, ("conv_window", "mlp", "embed"))))
+
         def branch(x: Array, seg: Array) -> tuple[Array, Array]:
-            h = causal_conv(x, k_in, seg)  # [b,t,d] -> [b,t,f]
+            h = causal_conv(x, g_in, seg, parts)  # [b,t,d] -> [b,t,f]
             h = constrain(act(h), ("activation_batch", "activation_length", "activation_mlp"))
-            return causal_conv(h, k_out, seg), h  # [b,t,f] -> [b,t,d]
+            return causal_conv(h, g_out, seg, parts), h  # [b,t,f] -> [b,t,d]
 
         if decode == "prefill":  # the caches need the whole row's h
             y, h = branch(x, ctx.segment_ids)

@@ -34,8 +34,9 @@ import numpy as np
 
 from olmax.attention import causal_attention
 from olmax.config import OlmaxConfig
-from olmax.layers import (Array, Context, activation, cache_variable, constrain, fan_in_normal, last_positions,
-                          matmul, pad_to, param_with_axes, shift_right, slide, write_position, zero_aux)
+from olmax.layers import (Array, Context, activation, cache_variable, constrain, data_shards, fan_in_normal,
+                          last_positions, matmul, pad_to, param_with_axes, per_data_shard, shift_right, slide,
+                          write_position, zero_aux)
 
 
 # ----------------------------------------------------------------------- axial mixer
@@ -594,14 +595,25 @@ class RecallMixer(nn.Module):
                 return jnp.zeros_like(x), zero_aux()
         kernel = jnp.concatenate(w, axis=2).astype(cfg.dtype)
         splits = list(itertools.accumulate(names.values()))[:-1]
+        # The projection runs inside the scan over chunks. cfg.reduce_chunk_grads_once: one copy of its
+        # weights per data-parallel shard, so that their gradient is all-reduced once a step, not once
+        # a chunk (`per_data_shard`).
+        parts = data_shards(bsz) if cfg.reduce_chunk_grads_once else 1
+        kernel = per_data_shard(kernel, parts, ("embed", "heads", "kv"))
+        biases = per_data_shard(jnp.stack([gate_bias, forget_bias], axis=-1), parts, ("heads", None))  # [(g,) h, 2]
 
         def project(x: Array, positions: Array) -> tuple:
             """x [b,t,d] -> q, k, v, ql, kl [b,t,h,*], gate, log_decay [b,t,h]: one matmul for all."""
-            proj = matmul(x, kernel)  # [b,t,d] -> [b,t,h,3c + 2r + 2]
+            proj = matmul(x, kernel, parts)  # [b,t,d] -> [b,t,h,3c + 2r + 2]
             proj = constrain(proj, ("activation_batch", "activation_length", "activation_heads", None))
-            q, k, v, ql, kl, g, f = jnp.split(proj, splits, axis=-1)
-            gate = jax.nn.sigmoid(g[..., 0].astype(jnp.float32) + gate_bias)  # [b,t,h]
-            log_decay = -jax.nn.softplus(f[..., 0].astype(jnp.float32) + forget_bias)  # [b,t,h], <= 0
+            q, k, v, ql, kl, gf = jnp.split(proj, splits[:-1], axis=-1)
+            gf = gf.astype(jnp.float32)
+            if parts > 1:  # each shard's rows with its copy of the biases
+                gf = (gf.reshape(parts, -1, *gf.shape[1:]) + biases[:, None, None]).reshape(gf.shape)
+            else:
+                gf = gf + biases
+            gate = jax.nn.sigmoid(gf[..., 0])  # [b,t,h]
+            log_decay = -jax.nn.softplus(gf[..., 1])  # [b,t,h], <= 0
             return rotary(q, positions), rotary(k, positions), v, ql, kl, gate, log_decay
 
         if decode is None:  # training and eval: projected chunk by chunk inside the scan over the row

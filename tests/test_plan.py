@@ -102,15 +102,27 @@ def test_collectives_with_and_without_chunk_loops(sharded):
     """No row here is longer than a chunk: the scanned step's collectives, its layer loop counted
     by its trip count, move what the unrolled depth-1/depth-2 extrapolation moves. In chunks of
     16 positions the CPU program reduces the chunked weights' gradients once per chunk (more
-    bytes per step), and the extrapolation, one chunk per row, is the unchunked step's."""
+    bytes per step), and the extrapolation, one chunk per row, is the unchunked step's. With
+    reduce_chunk_grads_once those weights have one copy per data shard (layers.per_data_shard)
+    and data parallel alone moves the same bytes per step chunked or not; with a `model` axis the
+    chunks then add only tensor-parallel all-reduces of activations, for the conv chunks'
+    overlapping positions (each chunk recomputes the 2 (kernel - 1) before it)."""
     moved = lambda ops: ops["all-reduce"][1]  # noqa: E731
     assert moved(sharded.collectives_per_step) == moved(sharded.collectives_unchunked) > 0
     assert sharded.collectives_per_step["all-gather"] == sharded.collectives["all-gather"]  # outside every loop
-    chunked = _plan({"data": 4, "model": 2}, cfg=dataclasses.replace(CFG, recall_chunk=16, conv_chunk=16))
+    chunks = dataclasses.replace(CFG, recall_chunk=16, conv_chunk=16)
+    chunked = _plan({"data": 4, "model": 2}, cfg=chunks)
     assert moved(chunked.collectives_unchunked) == moved(sharded.collectives_unchunked)
     assert moved(chunked.collectives_per_step) > 1.4 * moved(sharded.collectives_per_step)
     report = plan.report(chunked)
     assert "collectives per step" in report and "each layer's once" in report
+
+    once = dataclasses.replace(chunks, reduce_chunk_grads_once=True)
+    data_only, data_only_unchunked = _plan({"data": 8, "model": 1}, cfg=once), _plan({"data": 8, "model": 1})
+    assert moved(data_only.collectives_per_step) == moved(data_only_unchunked.collectives_per_step) > 0
+    tensor = _plan({"data": 4, "model": 2}, cfg=once)
+    assert moved(sharded.collectives_per_step) < moved(tensor.collectives_per_step)
+    assert moved(tensor.collectives_per_step) < 1.2 * moved(sharded.collectives_per_step)
 
 
 def test_a_mesh_that_cannot_split_a_parameter_is_named():

@@ -1,5 +1,7 @@
 """Sharded on 8 simulated CPU devices == one device; partitioner errors."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -11,10 +13,10 @@ CFG = network.OlmaxConfig(vocab_size=128, features=32, depth=2, max_length=32, c
                           capacity_factor=2.0, blocks=("conv", "moe", "mixer"))
 
 
-def _losses(mesh_shape, steps=3):
+def _losses(mesh_shape, steps=3, cfg=CFG):
     devices = jax.devices() if mesh_shape else jax.devices()[:1]
     partitioner = partitioning.PjitPartitioner(mesh_shape=mesh_shape, devices=devices)
-    model = models.DecoderOnlyLM(network.Olmax(CFG))
+    model = models.DecoderOnlyLM(network.Olmax(cfg))
     factory = lambda axes: optim.create_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10, axes=axes)
     setup = trainer.TrainSetup(model, partitioner, (8, 32), factory)
     state = setup.init_state()
@@ -48,6 +50,15 @@ def test_sharded_losses_equal_single_device(single, mesh_shape):
         wi = state["params"]["decoder"]["layers"]["conv_0"]["conv"]["wi"]
         assert wi.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "model")
         assert len(wi.addressable_shards) == 8 and wi.addressable_shards[0].data.shape[-1] == CFG.conv_features // 2
+
+
+def test_gradients_reduced_once_a_step_train_the_same(single):
+    """reduce_chunk_grads_once (one copy of the chunked weights per data shard) changes where the
+    gradient is summed, not what: rows of 4 recall chunks and 4 conv chunks train as on one device."""
+    cfg = dataclasses.replace(CFG, recall_chunk=8, conv_chunk=8, reduce_chunk_grads_once=True)
+    ref, _, _ = single
+    losses, _, _ = _losses({"data": 4, "model": 2}, cfg=cfg)
+    np.testing.assert_allclose(losses, ref, rtol=2e-5)
 
 
 def test_partitioner_errors():
