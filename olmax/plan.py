@@ -510,7 +510,8 @@ def report(p: Plan) -> str:
     ]
     if p.collectives_unchunked:
         rows.append(("  each layer's once", _fmt_collectives(p.collectives_unchunked)
-                     + " (if the accelerator's compiler sinks the per-chunk gradient all-reduces)"))
+                     + " (if the accelerator's compiler sinks the per-chunk gradient all-reduces, or with "
+                     "network.OlmaxConfig.reduce_chunk_grads_once = True)"))
     if p.tiles:
         rows.append((f"recall widths on {TPU_LANES}-lane tiles", _tile_advice(p.tiles)))
     width = max(len(k) for k, _ in rows)
