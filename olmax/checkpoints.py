@@ -299,9 +299,9 @@ def _block_size(config: dict) -> int | None:
     """K of a run's config as a checkpoint records it (every field a string): mixer_block, or
     the block size max_length implies when it is None; None if the config does not say."""
     try:
-        if config.get("mixer_block", "None") != "None":
-            return int(config["mixer_block"])
-        return config_lib.mixer_block_for(int(config["max_length"]))
+        block = config.get("mixer_block", "None")
+        return config_lib.OlmaxConfig(max_length=int(config["max_length"]),
+                                      mixer_block=None if block == "None" else int(block)).block_size
     except (KeyError, ValueError):
         return None
 

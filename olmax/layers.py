@@ -233,13 +233,17 @@ def data_shards(batch: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    names = _mesh_names(nn.logical_to_mesh_axes(("activation_batch",))[0])
-    parts = math.prod(mesh.shape[n] for n in names)
+    parts = math.prod(mesh.shape[n] for n in _batch_mesh_axes())
     return parts if parts > 1 and batch % parts == 0 else 1
 
 
 def _mesh_names(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _batch_mesh_axes() -> tuple[str, ...]:
+    """The mesh axes the active logical axis rules give 'activation_batch'."""
+    return _mesh_names(nn.logical_to_mesh_axes(("activation_batch",))[0])
 
 
 def per_data_shard(w: Array, parts: int, axes: tuple) -> Array:
@@ -256,7 +260,7 @@ def per_data_shard(w: Array, parts: int, axes: tuple) -> Array:
     once a chunk."""
     if parts == 1:
         return w
-    batch = _mesh_names(nn.logical_to_mesh_axes(("activation_batch",))[0])
+    batch = _batch_mesh_axes()
     own = [tuple(n for n in _mesh_names(e) if n not in batch) or None for e in nn.logical_to_mesh_axes(axes)]
     spec = jax.sharding.PartitionSpec(batch or None, *[e[0] if e and len(e) == 1 else e for e in own])
     return jax.lax.with_sharding_constraint(jnp.broadcast_to(w, (parts, *w.shape)), spec)

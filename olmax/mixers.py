@@ -607,11 +607,9 @@ class RecallMixer(nn.Module):
             proj = matmul(x, kernel, parts)  # [b,t,d] -> [b,t,h,3c + 2r + 2]
             proj = constrain(proj, ("activation_batch", "activation_length", "activation_heads", None))
             q, k, v, ql, kl, gf = jnp.split(proj, splits[:-1], axis=-1)
-            gf = gf.astype(jnp.float32)
-            if parts > 1:  # each shard's rows with its copy of the biases
-                gf = (gf.reshape(parts, -1, *gf.shape[1:]) + biases[:, None, None]).reshape(gf.shape)
-            else:
-                gf = gf + biases
+            # Each shard's rows with its copy of the biases (one group, the biases, when parts == 1).
+            groups = gf.astype(jnp.float32).reshape(parts, -1, *gf.shape[1:])  # [g, b/g, t, h, 2]
+            gf = (groups + biases.reshape(parts, 1, 1, *biases.shape[-2:])).reshape(gf.shape)
             gate = jax.nn.sigmoid(gf[..., 0])  # [b,t,h]
             log_decay = -jax.nn.softplus(gf[..., 1])  # [b,t,h], <= 0
             return rotary(q, positions), rotary(k, positions), v, ql, kl, gate, log_decay
