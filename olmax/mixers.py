@@ -258,21 +258,23 @@ def pair_kernel(ql: Array, kl: Array) -> Array:
 
 
 def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int, *,
-                 log_decay: Array | None = None, dense_far: bool | None = None, chunk: int = 512) -> Array:
+                 log_decay: Array | None = None, far_block: int | None = None, chunk: int = 512) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
 
     q, k, v: [b, t, h, c] (q, k with rotary), ql, kl: [b, t, h, r] (recall features),
     gate: [b, t, h] write gates in (0, 1), log_decay: [b, t, h] log a_t <= 0 of the recall
-    state's decay (None: no decay), seg: [b, t] segment ids (contiguous segments, as packing
-    makes them) -> [b, t, h, c].
+    state's decay (None: no decay; values below -MAX_FORGET_RATE are read as -MAX_FORGET_RATE),
+    seg: [b, t] segment ids (contiguous segments, as packing makes them) -> [b, t, h, c].
 
     Output t is one normalized read sum_s w_ts v_s / sum_s w_ts over s <= t, same segment,
     with w_ts the sum of two weights:
       recall  g_s a_{s+1} ... a_t phi(ql_t) . phi(kl_s) (g_s: the write gate, a_u: the decay
               of position u; phi . phi = s^2/2, `recall_kernel`, linear attention) at every
-              lag: the own block's offsets j <= k pairwise, blocks <= n-1 through per-block
-              states sum_s g_s (a_{s+1} .. a_end) phi(kl_s) v_s^T [F, c], each carried to
-              the next block times that block's decay: the block axis;
+              lag, on a coarser grid of far blocks of B = a multiple of K positions (about
+              `far_block`; None: the whole row up to MAX_FAR_BLOCK positions, else FAR_BLOCK):
+              the own far block's positions s <= t pairwise (one [B, B] matmul),
+              earlier far blocks through per-block states sum_s g_s (a_{s+1} .. a_end)
+              phi(kl_s) v_s^T [F, c], each carried to the next block times that block's decay;
       window  + exp(q_t . k_s / sqrt(c)) for the last K positions (lags 0..K-1): exact
               softmax weights on the offset axis, from block n and block n-1.
     One denominator for both, so a query that matches nothing near reads mostly from far
@@ -284,25 +286,27 @@ def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array
     than K positions back could be found by the window's q . k alone, a second lookup that
     the rare short-lag examples train slowly (at 32x1024, step 1500 of benchmarks.recall:
     0.19 accuracy on answers whose key was < K back, 0.98 on the others).
-    Cost per row O(N K (c + r) + N h F c + n^2 h F c), F = feature_size(r): O(N^1.5) at K = sqrt(N).
-    Rows shorter than ~3 F (c + 1) / (r + c) positions (~280 at r = 16, c = 32) compute the
-    recall part as one [N, N] kernel matrix instead (`dense_far`; None: by that cost), the
-    same sums at fewer multiply-adds there. Internally heads lead ([b, h, n, K, ...]) so
-    every contraction is a batched matmul.
+    Cost per row O(N (K c + B (r + c) + h F c) + (N / B)^2 h F c), F = feature_size(r); a row
+    that is one far block has no state: its recall part is one [N, N] kernel matrix. Per token,
+    B (r + c) pairwise multiply-adds buy fewer, larger matmuls and fewer [F, c] states than far
+    blocks of K would: measured on a 2-core CPU (Olmax tiny, 8192 tokens a step, forward and
+    backward), one far block trains 1.2x faster than blocks of K = 16 at 256 tokens and 1.1x
+    faster at 512; far blocks of 128 1.1x faster than blocks of K = 64 at 1024. Internally heads
+    lead ([b, h, n, K, ...]) so every contraction is a batched matmul.
 
-    Memory: rows longer than `chunk` tokens run as a scan over chunks of chunk / K blocks
+    Memory: rows longer than `chunk` tokens run as a scan over chunks of about chunk / B far blocks
     that passes one running recall state ([b, h, F, c] and its normalizer [b, h, F]) from chunk to chunk, each chunk
     rematerialized in the backward pass: the step holds one chunk's window scores and
     kernel features, not the whole row's (O(N (c + r) + chunk K h) instead of O(N K h + N h F)).
     """
     if log_decay is None:
         log_decay = jnp.zeros(gate.shape, jnp.float32)
-    return chunked_recall(lambda *a: a, (q, k, v, ql, kl, gate, log_decay), seg, block, dense_far=dense_far,
+    return chunked_recall(lambda *a: a, (q, k, v, ql, kl, gate, log_decay), seg, block, far_block=far_block,
                           chunk=chunk)
 
 
 def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, block: int, *,
-                   dense_far: bool | None = None, chunk: int = 512) -> Array:
+                   far_block: int | None = None, chunk: int = 512) -> Array:
     """`axial_recall` of (q, k, v, ql, kl, gate, log_decay) = prepare(*inputs), with `prepare`
     run on each chunk of the row inside the scan over chunks, never on the whole row.
 
@@ -318,11 +322,21 @@ def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, blo
                                        for a in inputs))
     h, c = shapes[0].shape[2:]
     r = shapes[3].shape[-1]
+    if max(block, far_block or 0) > MAX_FAR_BLOCK:
+        raise ValueError(f"The recall mixer's block size K={block} and far block {far_block} must be at most "
+                         f"{MAX_FAR_BLOCK} positions (the decay across a far block must stay within fp32's "
+                         f"range, `_own_pairs`): lower mixer_block or recall_far_block.")
     n = -(-length // block)
-    if dense_far is None:  # whichever costs fewer multiply-adds (scores + sums vs block states)
-        dense_far = n * block * (r + c) <= 3 * feature_size(r) * (c + 1)
-    per_chunk = n if dense_far else max(1, min(n, chunk // block))  # blocks per scan step
-    steps = -(-n // per_chunk)
+    if far_block is None:  # a row that fits one scan step and one far block is one far block
+        far_block = n * block if n * block <= min(MAX_FAR_BLOCK, max(chunk, block)) else FAR_BLOCK
+    # Far blocks of m K-blocks and scan steps of `per_step` far blocks, each as even as the row allows
+    # (a row of 300 positions at K = 16: two far blocks of 160, one step), so padding stays < one K-block
+    # per far block.
+    far_blocks = -(-n // max(1, min(n, far_block // block)))
+    m = -(-n // far_blocks)
+    steps = -(-far_blocks // max(1, chunk // (m * block)))
+    per_step = -(-far_blocks // steps)
+    per_chunk = per_step * m  # K-blocks per scan step
     span = per_chunk * block  # positions per scan step
     pad = steps * span - length
     # Padding gets segment -1: distinct from every real segment and from id 0.
@@ -335,6 +349,7 @@ def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, blo
 
     def blocks(seg_part: Array, *parts: Array) -> tuple:  # a span of the row -> `_recall_chunk`'s blocks
         q, k, v, ql, kl, gate, log_decay = prepare(*parts)
+        log_decay = jnp.maximum(log_decay.astype(jnp.float32), -MAX_FORGET_RATE)
         gate, log_decay = (grid(a.astype(jnp.float32)[..., None])[..., 0] for a in (gate, log_decay))  # [b,h,n,K]
         return (*map(grid, (q, k, v, ql, kl)), gate, log_decay, seg_part.reshape(bsz, 1, -1, block))
 
@@ -343,14 +358,14 @@ def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, blo
     state = ((jnp.zeros((bsz, h, feature_size(r), c), jnp.float32), jnp.zeros((bsz, h, feature_size(r)), jnp.float32)),
              jnp.zeros((bsz, h, block, c), shapes[1].dtype),
              jnp.zeros((bsz, h, block, c), shapes[2].dtype), jnp.full((bsz, 1, block), -2, seg.dtype))
-    if steps == 1:
-        y, _ = _recall_chunk(dense_far, blocks(seg, *inputs), state)
+    if steps == 1:  # no state comes in and none goes out
+        y, _ = _recall_chunk(m, blocks(seg, *inputs), state, stateless=True)
     else:  # [b, steps * span, ...] -> [steps, b, span, ...], scanned; each chunk recomputed in the backward
         split = lambda a: jnp.moveaxis(a.reshape(bsz, steps, span, *a.shape[2:]), 1, 0)  # noqa: E731
 
         @jax.checkpoint
         def body(st, parts):
-            y, st = _recall_chunk(False, blocks(*parts), st)
+            y, st = _recall_chunk(m, blocks(*parts), st)
             return st, y
 
         _, y = jax.lax.scan(body, state, tuple(map(split, (seg, *inputs))))
@@ -358,13 +373,15 @@ def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, blo
     return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, -1, h, c)[:, :length]
 
 
-def _recall_chunk(dense_far: bool, blocks: tuple, state: tuple) -> tuple[Array, tuple]:
+def _recall_chunk(m: int, blocks: tuple, state: tuple, stateless: bool = False) -> tuple[Array, tuple]:
     """`axial_recall` on G consecutive blocks [b, h, G, K, ...] after the `state` of the blocks
     before them (their summed recall state and normalizer ([b,h,F,c], [b,h,F]), the last block's keys and values
-    [b,h,K,c] and segments [b,1,K]) -> (y [b, h, G, K, c] in v's dtype, the state after them)."""
+    [b,h,K,c] and segments [b,1,K]) -> (y [b, h, G, K, c] in v's dtype, the state after them).
+    The recall part runs on far blocks of m K-blocks (G a multiple of m); `stateless`: the blocks
+    are a whole row (an empty state before them, and the state after them is not wanted)."""
     q, k, v, ql, kl, gate, log_decay, seg = blocks
     far_state, k_last, v_last, seg_last = state
-    c, block = q.shape[-1], q.shape[-2]
+    bsz, h, g, block, c = v.shape
     k_prev, v_prev, seg_prev = (jnp.concatenate([last[:, :, None], a[:, :, :-1]], axis=2)  # block n-1 at n
                                 for last, a in ((k_last, k), (v_last, v), (seg_last, seg)))
     i = jnp.arange(block)
@@ -375,26 +392,75 @@ def _recall_chunk(dense_far: bool, blocks: tuple, state: tuple) -> tuple[Array, 
     # always allowed, so it goes first) and block n-1 (j > k).
     window = softmax_tiles(q, [(k, v, same_own), (k_prev, v_prev, same_prev & in_window)])
 
-    if dense_far:
-        num, den = _far_dense(ql, kl, v, gate, log_decay, seg)
-    else:
-        num, den, far_state = _far_blocked(ql, kl, v, gate, log_decay, seg, same_own, far_state, seg_last[..., -1])
-    y = joint_read(*window, num, den)
+    coarse = lambda a: a.reshape(a.shape[0], a.shape[1], g // m, m * block, *a.shape[4:])  # noqa: E731
+    num, den, far_state = _far(*map(coarse, (ql, kl, v, gate, log_decay, seg)), None if stateless else far_state,
+                               seg_last[..., -1])
+    y = joint_read(*window, num.reshape(bsz, h, g, block, c), den.reshape(bsz, h, g, block))
     return y.astype(v.dtype), (far_state, k[:, :, -1], v[:, :, -1], seg[:, :, -1])
 
 
-def _far_blocked(ql, kl, v, gate, log_decay, seg, same_own, state_in, last_in):
-    """The recall part of `axial_recall` over G blocks: (num [b,h,G,K,c], den [b,h,G,K], the summed
-    state after them) of the gated, decayed kernel over every lag, from the own block pairwise
-    (same_own [b,1,G,k,j]: j <= k, same segment) and earlier blocks through per-block states, the
-    blocks before these through `state_in` (their summed state and normalizer at the end of the last
-    of them; `last_in` [b,1] the segment open there). O(G K (K r + F c) + G^2 F c)."""
-    # Decay within a block: A_k = log a_0 + ... + log a_k (every exponent below is <= 0).
-    A = jnp.cumsum(log_decay, axis=-1)  # [b,h,G,K]
-    lag_decay = jnp.exp(jnp.where(same_own, A[..., :, None] - A[..., None, :], -jnp.inf))  # [b,h,G,k,j]
-    kern = pair_kernel(ql, kl) * lag_decay * gate[..., None, :]
-    num = jnp.einsum("bhnkj,bhnjc->bhnkc", kern, v.astype(jnp.float32))
-    den = jnp.sum(kern, axis=-1)
+# The recall decay's fastest rate, in nats per token: a_t >= exp(-0.4) = 0.67 (a half-life of at least
+# 1.7 tokens; the window reads the last K tokens exactly whatever the decay). Bounding it bounds the
+# decay across a far block of B positions by 0.4 B nats, so that `_own_pairs` can split each pair's
+# decay between its query and key sides, each factor within e^(+-0.1 B): e^(+-51) for B <= MAX_FAR_BLOCK,
+# which leaves fp32 (to e^88) room for the features' own scale in the backward pass's products.
+MAX_FORGET_RATE = 0.4
+MAX_FAR_BLOCK = 512
+# Far blocks of rows longer than MAX_FAR_BLOCK (or than a scan step): measured fastest of 64-512 at 1k
+# and 8k tokens (tiny widths, forward and backward, 2-core CPU); shorter rows are one far block.
+FAR_BLOCK = 128
+
+
+def forget_log_decay(z: Array) -> Array:
+    """log a_t of the recall decay from its logit z (x . w_forget + b_forget): -softplus(z), softly
+    bounded by MAX_FORGET_RATE (rate = M tanh(softplus(z) / M)): -softplus(z) itself while that is
+    small (every rate below 0.1 within 2.1%), never below -MAX_FORGET_RATE."""
+    return -MAX_FORGET_RATE * jnp.tanh(jax.nn.softplus(z) / MAX_FORGET_RATE)
+
+
+def _own_pairs(ql, kl, v, gate, A, seg):
+    """`_far`'s pairs within each far block: ql, kl [..., B, r], v [..., B, c], gate and A (the
+    cumulative log decay from the block's start) [..., B], seg [b, 1, ..., B] -> num [..., B, c],
+    den [..., B] of the weights g_s (ql_t . kl_s)^2 / (2 r) e^(A_t - A_s) over s <= t, same segment."""
+    r = ql.shape[-1]
+    i = jnp.arange(ql.shape[-2])
+    own = (seg[..., :, None] == seg[..., None, :]) & (i[:, None] >= i[None, :])  # [b,1,..,t,s]: s <= t
+    # (ql_t . kl_s)^2 / (2 r) e^(A_t - A_s) = (ql'_t . kl'_s)^2 with the decay split around the block's
+    # half-way decay H = A_end / 2: ql' = ql e^((A_t - H) / 2) / sqrt(2 r), kl' = kl e^((H - A_s) / 2).
+    # One [B, B] matmul and a square, no [B, B] exponential; every factor within e^(+-B MAX_FORGET_RATE / 4).
+    half = A[..., -1:] / 2
+    qd = ql.astype(jnp.float32) * (jnp.exp((A - half) / 2) / math.sqrt(2 * r))[..., None]
+    kd = kl.astype(jnp.float32) * jnp.exp((half - A) / 2)[..., None]
+    # Masked before the square: a pair s > t has the factors e^((A_t - A_s) / 2) >= 1, up to e^(0.2 B),
+    # which may overflow; selected away first, it passes no inf (and no 0 x inf) to the gradient.
+    pairs = jnp.where(own, jnp.einsum("...kr,...jr->...kj", qd, kd), 0.0)
+    kern = pairs * pairs
+    # The write gate g_s scales the values and the normalizer's ones ([B] each), not the [B, B] weights.
+    num = jnp.einsum("...kj,...jc->...kc", kern, v.astype(jnp.float32) * gate[..., None])
+    den = jnp.einsum("...kj,...j->...k", kern, gate)
+    return num, den
+
+
+def _far(ql, kl, v, gate, log_decay, seg, state_in, last_in):
+    """The recall part of `axial_recall` over G far blocks [b, h, G, B, ...] of B positions: (num
+    [b,h,G,B,c], den [b,h,G,B], the summed state after them) of the gated, decayed kernel over every
+    lag, from the own far block pairwise and earlier far blocks through per-block states, the blocks
+    before these through `state_in` (their summed state and normalizer at the end of the last of
+    them, or None: nothing before, and no state wanted after when G = 1; `last_in` [b,1] the
+    segment open there). O(G B (B (r + c) + F c) + G^2 F c)."""
+    bsz, h, g, size, c = v.shape
+    r = ql.shape[-1]
+    # Decay within a block: A_t = log a_0 + ... + log a_t, in [-B MAX_FORGET_RATE, 0].
+    A = jnp.cumsum(log_decay, axis=-1)  # [b,h,G,B]
+    if g == 1:  # without a G axis of 1, which XLA:CPU would lay out apart and copy [B, B] arrays for
+        num, den = (a[:, :, None] for a in _own_pairs(*(a[:, :, 0] for a in (ql, kl, v, gate, A, seg))))
+        if state_in is None:  # one block, the whole row: its pairs alone
+            return num, den, None
+    else:
+        num, den = _own_pairs(ql, kl, v, gate, A, seg)
+    if state_in is None:
+        feats = feature_size(r)
+        state_in = (jnp.zeros((bsz, h, feats, c), jnp.float32), jnp.zeros((bsz, h, feats), jnp.float32))
     # Each block's state holds its tokens of the segment that is open at the block's end
     # (`last`), decayed to the block's end, with its normalizer as an extra value column; a
     # query reads the sum over the earlier blocks that end in its own segment, decayed from the
@@ -429,25 +495,6 @@ def _far_blocked(ql, kl, v, gate, log_decay, seg, same_own, state_in, last_in):
     num = num + jnp.einsum("bhnkf,bhnfc->bhnkc", fq, runs[:, :, :-1])
     den = den + jnp.einsum("bhnkf,bhnf->bhnk", fq, run_norms[:, :, :-1])
     return num, den, (runs[:, :, -1], run_norms[:, :, -1])
-
-
-def _far_dense(ql, kl, v, gate, log_decay, seg):
-    """`_far_blocked` as one [N, N] kernel matrix: O(N^2 (r + c)), cheaper for short rows
-    (below ~3 F (c + 1) / (r + c) positions) where the block states' F = feature_size(r)
-    features cost more than the pairs themselves."""
-    bsz, h, n, block, c = v.shape
-    flat = lambda a: a.reshape(bsz, a.shape[1], n * block, *a.shape[4:])  # noqa: E731  [b,h,N,...]
-    segf = seg.reshape(bsz, 1, n * block)
-    t = jnp.arange(n * block)
-    causal = (t[:, None] >= t[None, :]) & (segf[..., :, None] == segf[..., None, :])  # [b,1,N,N]
-    A = jnp.cumsum(flat(log_decay), axis=-1)
-    decay = jnp.exp(jnp.where(causal, A[..., :, None] - A[..., None, :], -jnp.inf))
-    kern = pair_kernel(flat(ql), flat(kl)) * decay
-    # The write gate g_s scales the values and the normalizer's ones ([N] each), not the [N, N] weights.
-    g = flat(gate)
-    num = jnp.einsum("bhts,bhsc->bhtc", kern, flat(v).astype(jnp.float32) * g[..., None])
-    den = jnp.einsum("bhts,bhs->bht", kern, g)
-    return num.reshape(bsz, h, n, block, c), den.reshape(bsz, h, n, block)
 
 
 def softmax_tiles(q: Array, tiles: Sequence[tuple[Array, Array, Array]]) -> tuple[Array, Array]:
@@ -521,14 +568,16 @@ def forget_init(block: int, max_length: int):
     (half-life ~3e8 tokens; softplus' slope there, ~2e-9, keeps it so unless w_forget learns
     otherwise); the others' half-lives spread geometrically from max_length down to 2 K, so some
     heads remember the whole row and some little more than the window. A head whose decay is
-    a at every token has half-life ln 2 / -log a: b = softplus^-1(ln 2 / half-life)."""
+    a at every token has half-life ln 2 / -log a: b = the logit z with -forget_log_decay(z) = ln 2 /
+    half-life (every half-life here is >= 2 tokens, a rate below MAX_FORGET_RATE)."""
 
     def init(key, shape, dtype=jnp.float32):
         del key
         (h,) = shape
         half_lives = np.geomspace(max_length, min(2 * block, max_length), max(h - 1, 1))[: h - 1]
         rates = np.log(2.0) / half_lives
-        bias = np.concatenate([[-20.0], np.log(np.expm1(rates))])
+        softplus = MAX_FORGET_RATE * np.arctanh(rates / MAX_FORGET_RATE)  # undoes forget_log_decay's bound
+        bias = np.concatenate([[-20.0], np.log(np.expm1(softplus))])
         return jnp.asarray(bias, dtype)
 
     return init
@@ -544,7 +593,8 @@ class RecallMixer(nn.Module):
     of K positions (the offset axis). A write gate g_s = sigmoid(x_s . w + b) per head
     scales what each token adds to those states, so tokens that carry nothing to recall
     stay out of the long-range read, and a forget rate per head and token,
-    a_t = exp(-softplus(x_t . w_f + b_f)), decays the state before each write (GLA's and
+    a_t = exp(forget_log_decay(x_t . w_f + b_f)) (-softplus, at most MAX_FORGET_RATE nats a
+    token), decays the state before each write (GLA's and
     Mamba-2's data-dependent decay, on the quadratic-kernel state): without it every written
     token keeps its weight forever, so a matching key's share of the far read and the window's
     share of the whole read fall like 1 / N as rows grow; with it they depend on the ~1 / (1 - a)
@@ -611,17 +661,19 @@ class RecallMixer(nn.Module):
             groups = gf.astype(jnp.float32).reshape(parts, -1, *gf.shape[1:])  # [g, b/g, t, h, 2]
             gf = (groups + biases.reshape(parts, 1, 1, *biases.shape[-2:])).reshape(gf.shape)
             gate = jax.nn.sigmoid(gf[..., 0])  # [b,t,h]
-            log_decay = -jax.nn.softplus(gf[..., 1])  # [b,t,h], <= 0
+            log_decay = forget_log_decay(gf[..., 1])  # [b,t,h], in (-MAX_FORGET_RATE, 0]
             return rotary(q, positions), rotary(k, positions), v, ql, kl, gate, log_decay
 
         if decode is None:  # training and eval: projected chunk by chunk inside the scan over the row
-            y = chunked_recall(project, (x, ctx.positions), ctx.segment_ids, block, chunk=cfg.recall_chunk)
+            y = chunked_recall(project, (x, ctx.positions), ctx.segment_ids, block, far_block=cfg.recall_far_block,
+                               chunk=cfg.recall_chunk)
             return matmul(y.reshape(bsz, -1, d), wo), zero_aux()
         q, k, v, ql, kl, gate, log_decay = project(x, ctx.positions)
         if decode == "step":
             y = recall_step(window, state, norm, errs, q, k, v, ql, kl, gate, log_decay, ctx.positions[:, 0])
         else:
-            y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block, log_decay=log_decay, chunk=cfg.recall_chunk)
+            y = axial_recall(q, k, v, ql, kl, gate, ctx.segment_ids, block, log_decay=log_decay,
+                             far_block=cfg.recall_far_block, chunk=cfg.recall_chunk)
             if decode == "prefill":
                 lengths = ctx.prefill_lengths
                 for name, a in (("keys", k), ("values", v)):

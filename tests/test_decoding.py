@@ -310,7 +310,9 @@ def test_long_recall_decode_does_not_drift():
     proj = lambda w: np.einsum("btd,dhe->bthe", x, w)  # noqa: E731
     kl, v = proj(p["wk_recall"]), proj(p["wv"])
     gate = 1.0 / (1.0 + np.exp(-(proj(p["w_write_gate"])[..., 0] + p["b_write_gate"])))
-    log_decay = -np.logaddexp(0.0, proj(p["w_forget"])[..., 0] + p["b_forget"])  # [b,t,h]
+    z = proj(p["w_forget"])[..., 0] + p["b_forget"]
+    rate = mixers.MAX_FORGET_RATE * np.tanh(np.logaddexp(0.0, z) / mixers.MAX_FORGET_RATE)
+    log_decay = -rate  # [b,t,h]
     later = np.cumsum(log_decay[:, ::-1], axis=1)[:, ::-1] - log_decay  # log a_{s+1} + .. + log a_n
     r = kl.shape[-1]
     phi = np.stack([kl[..., i] * kl[..., j] / np.sqrt(2 * r if i == j else r) for i in range(r) for j in range(i, r)], -1)

@@ -294,9 +294,9 @@ def _dense_recall(q, k, v, ql, kl, gate, seg, block, decay=None):
     return out
 
 
-@pytest.mark.parametrize("dense_far,chunk", [(False, 4096), (False, 8), (True, 4096)],
-                         ids=["blocked", "chunked", "dense_far"])
-def test_axial_recall_matches_dense_reference(dense_far, chunk):
+@pytest.mark.parametrize("far_block,chunk", [(4, 4096), (4, 8), (24, 4096), (8, 16)],
+                         ids=["blocked", "chunked", "one_far_block", "far_blocks_of_2"])
+def test_axial_recall_matches_dense_reference(far_block, chunk):
     """The blocked computation (window + pairwise + per-block states, one denominator) equals the
     O(N^2) definition, with packed segments (starting mid-block, spanning several blocks, a
     2-token one), padding id 0, and logits large enough to overflow a naive exp; `chunk` 8:
@@ -309,20 +309,48 @@ def test_axial_recall_matches_dense_reference(dense_far, chunk):
     seg = np.ones((b, t), np.int32)
     seg[1, 9:20], seg[1, 20:] = 2, 0
     seg[2, 5:7], seg[2, 7:] = 2, 3  # segment 3 spans blocks 1-5: its states run over 4 blocks
-    # Decays from 0.05 (the state forgets nearly all at each token) to 1 (it never does).
+    # Decays from 0.05 (the state forgets nearly all at each token) to 1 (it never does); those
+    # below the fastest rate, exp(-MAX_FORGET_RATE) = 0.61, are read as that rate.
     decay = rng.uniform(0.05, 1.0, (b, t, h)).astype(np.float32)
     decay[:, :, 0] = 1.0
     log_decay = jnp.log(jnp.asarray(decay))
+    decay = np.maximum(decay, np.exp(-mixers.MAX_FORGET_RATE))
     args = (q, k, v, ql, kl, gate, seg)
     for a, log_a in ((None, None), (decay, log_decay)):
-        got = mixers.axial_recall(*map(jnp.asarray, args), block, log_decay=log_a, dense_far=dense_far, chunk=chunk)
+        got = mixers.axial_recall(*map(jnp.asarray, args), block, log_decay=log_a, far_block=far_block, chunk=chunk)
         np.testing.assert_allclose(got, _dense_recall(*args, block, a), rtol=1e-5, atol=1e-5)
     # Window logits of +-60 (exp overflows fp32 at 89) and kernel sums of ~1e4: still exact.
     q2, k2 = q * 8.0, k * 8.0
     args = (q2, k2, v, ql * 6.0, kl * 6.0, gate, seg)
-    got = mixers.axial_recall(*map(jnp.asarray, args), block, log_decay=log_decay, dense_far=dense_far, chunk=chunk)
+    got = mixers.axial_recall(*map(jnp.asarray, args), block, log_decay=log_decay, far_block=far_block, chunk=chunk)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, _dense_recall(*args, block, decay), rtol=1e-4, atol=1e-4)
+
+
+def test_recall_far_blocks_are_one_function_at_the_fastest_decay():
+    """Far blocks of 512 (the largest; each pair's decay split between its query and key sides)
+    and of K give the same outputs and gradients where the decay is at its bound the whole row
+    (-40 nats a token asked, MAX_FORGET_RATE read): 205 nats across a block, nothing overflows."""
+    rng = np.random.RandomState(4)
+    b, t, h, c, r, block = 1, 512, 2, 4, 3, 8
+    args = [jnp.asarray(3 * rng.randn(b, t, h, e).astype(np.float32)) for e in (c, c, c, r, r)]
+    args.append(jnp.asarray(rng.uniform(0.05, 1.0, (b, t, h)).astype(np.float32)))
+    log_decay = jnp.full((b, t, h), -40.0).at[:, :, 0].set(-1e-3)  # head 0 barely forgets
+    seg = jnp.ones((b, t), jnp.int32)
+    w = jnp.asarray(rng.randn(b, t, h, c).astype(np.float32))
+
+    def grads(far_block):
+        def loss(*a):
+            return jnp.sum(mixers.axial_recall(*a[:6], seg, block, log_decay=a[6], far_block=far_block, chunk=t) * w)
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7))))(*args, log_decay)
+
+    (v512, g512), (v8, g8) = grads(512), grads(block)
+    np.testing.assert_allclose(v512, v8, rtol=1e-4)
+    for name, a, ref in zip(["q", "k", "v", "ql", "kl", "gate", "log_decay"], g512, g8):
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, ref, atol=2e-4 * float(jnp.abs(ref).max()), rtol=1e-3, err_msg=name)
+    with pytest.raises(ValueError, match="recall_far_block"):
+        mixers.axial_recall(*args, seg, block, log_decay=log_decay, far_block=1024)
 
 
 def test_axial_recall_chunked_gradients_equal_one_step():
@@ -339,7 +367,7 @@ def test_axial_recall_chunked_gradients_equal_one_step():
 
     def grads(chunk):
         def loss(*a):
-            y = mixers.axial_recall(*a[:6], jnp.asarray(seg), block, log_decay=a[6], dense_far=False, chunk=chunk)
+            y = mixers.axial_recall(*a[:6], jnp.asarray(seg), block, log_decay=a[6], far_block=4, chunk=chunk)
             return jnp.sum(y * w)
         return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args, log_decay)
 
@@ -463,11 +491,18 @@ def test_mixer_block_follows_max_length():
 
 
 def test_forget_spectrum():
-    """Head 0 never forgets (half-life > 1e8 tokens); the others' half-lives span max_length .. 2 K."""
-    bias = np.asarray(mixers.forget_init(16, 1024)(None, (4,)))
-    half_life = np.log(2.0) / np.log1p(np.exp(bias))  # ln 2 / softplus(b)
-    assert half_life[0] > 1e8
-    np.testing.assert_allclose(half_life[1:], [1024, 181.02, 32], rtol=1e-3)
+    """Head 0 never forgets (half-life > 1e8 tokens); the others' half-lives span max_length .. 2 K,
+    also where 2 K is short enough that the rate's bound (MAX_FORGET_RATE) bends it."""
+    for block, fastest in ((16, 32), (1, 2)):
+        bias = mixers.forget_init(block, 1024)(None, (4,))
+        half_life = np.log(2.0) / -np.asarray(mixers.forget_log_decay(bias), np.float64)
+        assert half_life[0] > 1e8
+        np.testing.assert_allclose(half_life[1:], [1024, np.sqrt(1024 * fastest), fastest], rtol=1e-3)
+    # The decay never forgets faster than its bound, and follows -softplus while the rate is small.
+    z = jnp.linspace(-30.0, 30.0, 61)
+    assert float(mixers.forget_log_decay(z).min()) >= np.float32(-mixers.MAX_FORGET_RATE)
+    small = z < -3.0
+    np.testing.assert_allclose(mixers.forget_log_decay(z)[small], -jax.nn.softplus(z)[small], rtol=2e-3)
     assert np.asarray(mixers.forget_init(16, 1024)(None, (1,))).shape == (1,)
 
 
