@@ -330,8 +330,8 @@ def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, blo
     if far_block is None:  # a row that fits one scan step and one far block is one far block
         far_block = n * block if n * block <= min(MAX_FAR_BLOCK, max(chunk, block)) else FAR_BLOCK
     # Far blocks of m K-blocks and scan steps of `per_step` far blocks, each as even as the row allows
-    # (a row of 300 positions at K = 16: two far blocks of 160, one step), so padding stays < one K-block
-    # per far block.
+    # (a row of 600 positions at K = 16 and far blocks of up to 256: three far blocks of 208 in two
+    # steps): the padding is less than one K-block per far block plus one far block per step.
     far_blocks = -(-n // max(1, min(n, far_block // block)))
     m = -(-n // far_blocks)
     steps = -(-far_blocks // max(1, chunk // (m * block)))
