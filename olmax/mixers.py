@@ -322,20 +322,7 @@ def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, blo
                                        for a in inputs))
     h, c = shapes[0].shape[2:]
     r = shapes[3].shape[-1]
-    if max(block, far_block or 0) > MAX_FAR_BLOCK:
-        raise ValueError(f"The recall mixer's block size K={block} and far block {far_block} must be at most "
-                         f"{MAX_FAR_BLOCK} positions (the decay across a far block must stay within fp32's "
-                         f"range, `_own_pairs`): lower mixer_block or recall_far_block.")
-    n = -(-length // block)
-    if far_block is None:  # a row that fits one scan step and one far block is one far block
-        far_block = n * block if n * block <= min(MAX_FAR_BLOCK, max(chunk, block)) else FAR_BLOCK
-    # Far blocks of m K-blocks and scan steps of `per_step` far blocks, each as even as the row allows
-    # (a row of 600 positions at K = 16 and far blocks of up to 256: three far blocks of 208 in two
-    # steps): the padding is less than one K-block per far block plus one far block per step.
-    far_blocks = -(-n // max(1, min(n, far_block // block)))
-    m = -(-n // far_blocks)
-    steps = -(-far_blocks // max(1, chunk // (m * block)))
-    per_step = -(-far_blocks // steps)
+    m, per_step, steps = recall_layout(length, block, far_block, chunk)
     per_chunk = per_step * m  # K-blocks per scan step
     span = per_chunk * block  # positions per scan step
     pad = steps * span - length
@@ -371,6 +358,26 @@ def chunked_recall(prepare: Callable[..., tuple], inputs: tuple, seg: Array, blo
         _, y = jax.lax.scan(body, state, tuple(map(split, (seg, *inputs))))
         y = jnp.moveaxis(y, 0, 2).reshape(bsz, h, steps * per_chunk, block, c)
     return jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(bsz, -1, h, c)[:, :length]
+
+
+def recall_layout(length: int, block: int, far_block: int | None = None, chunk: int = 512) -> tuple[int, int, int]:
+    """How `chunked_recall` lays out a row of `length` positions: (m, K-blocks per far block; far
+    blocks per scan step; scan steps). far_block None: one far block for a row that fits one scan
+    step and MAX_FAR_BLOCK positions, far blocks of FAR_BLOCK otherwise."""
+    if max(block, far_block or 0) > MAX_FAR_BLOCK:
+        raise ValueError(f"The recall mixer's block size K={block} and far block {far_block} must be at most "
+                         f"{MAX_FAR_BLOCK} positions (the decay across a far block must stay within fp32's "
+                         f"range, `_own_pairs`): lower mixer_block or recall_far_block.")
+    n = -(-length // block)
+    if far_block is None:
+        far_block = n * block if n * block <= min(MAX_FAR_BLOCK, max(chunk, block)) else FAR_BLOCK
+    # Far blocks of m K-blocks and scan steps of `per_step` far blocks, each as even as the row allows
+    # (a row of 600 positions at K = 16 and far blocks of up to 256: three far blocks of 208 in two
+    # steps): the padding is less than one K-block per far block plus one far block per step.
+    far_blocks = -(-n // max(1, min(n, far_block // block)))
+    m = -(-n // far_blocks)
+    steps = -(-far_blocks // max(1, chunk // (m * block)))
+    return m, -(-far_blocks // steps), steps
 
 
 def _recall_chunk(m: int, blocks: tuple, state: tuple, stateless: bool = False) -> tuple[Array, tuple]:

@@ -86,15 +86,17 @@ class DoesNotFit(ValueError):
 def tile_use(config, lanes: int = TPU_LANES) -> dict[str, tuple[int, int]]:
     """{name: (width, padded width)} of the recall mixer's own matmul widths on `lanes`-wide
     tiles: F = feature_size(recall_features), the rows of each head's recall state that every
-    read contracts; c, the head width; K, the window's keys per tile. A width just past a
+    read contracts; c, the head width; K, the window's keys per tile; B, the positions of a far block
+    at max_length (each far block's pairs are one [B, B] matmul). A width just past a
     multiple of `lanes` (F = 136 at 16 recall features) costs nearly a whole tile more; XLA's
     CPU program, which the rest of the plan reads, does not show it. Empty for other mixers."""
     if config.mixer != "recall":
         return {}
-    from olmax.mixers import feature_size
+    from olmax.mixers import feature_size, recall_layout
 
+    m, _, _ = recall_layout(config.max_length, config.block_size, config.recall_far_block, config.recall_chunk)
     widths = {"F": feature_size(config.recall_features), "c": config.features // config.num_heads,
-              "K": config.block_size}
+              "K": config.block_size, "B": m * config.block_size}
     return {name: (w, -(-w // lanes) * lanes) for name, w in widths.items()}
 
 

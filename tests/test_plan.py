@@ -194,12 +194,13 @@ def test_command_line_errors_before_any_device(flags, message):
 def test_recall_widths_on_tpu_tiles():
     """F = r (r + 1) / 2 = 136 at 16 recall features spills past one 128-lane tile; the report
     names the padding and the recall_features whose F fits (15: 120). Other mixers: nothing."""
-    cfg = dataclasses.replace(CFG, features=512, num_heads=8, mixer_heads=8, mixer_block=64, recall_features=16)
-    tiles = plan.tile_use(cfg)
-    assert tiles == {"F": (136, 256), "c": (64, 128), "K": (64, 128)}
-    assert plan._tile_advice(tiles) == ("F 136 -> 256 (53%), c 64 -> 128 (50%), K 64 -> 128 (50%); "
-                                            "recall_features=15 gives F=120 (a model change: retrain, re-measure recall)")
-    fits = plan.tile_use(dataclasses.replace(cfg, recall_features=15, features=1024))
-    assert fits == {"F": (120, 128), "c": (128, 128), "K": (64, 128)}
+    cfg = dataclasses.replace(CFG, features=512, num_heads=8, mixer_heads=8, mixer_block=64, recall_features=16,
+                              max_length=4096)
+    tiles = plan.tile_use(cfg)  # far blocks of 128 in rows of 4096
+    assert tiles == {"F": (136, 256), "c": (64, 128), "K": (64, 128), "B": (128, 128)}
+    assert plan._tile_advice(tiles) == ("F 136 -> 256 (53%), c 64 -> 128 (50%), K 64 -> 128 (50%), B 128 (100%); "
+                                        "recall_features=15 gives F=120 (a model change: retrain, re-measure recall)")
+    fits = plan.tile_use(dataclasses.replace(cfg, recall_features=15, features=1024, max_length=320))
+    assert fits == {"F": (120, 128), "c": (128, 128), "K": (64, 128), "B": (320, 384)}  # a row of 320: one far block
     assert "recall_features=" not in plan._tile_advice(fits)
     assert plan.tile_use(dataclasses.replace(cfg, mixer="attention")) == {}
