@@ -440,7 +440,10 @@ def _own_pairs(ql, kl, v, gate, A, seg):
     kd = kl.astype(jnp.float32) * jnp.exp((half - A) / 2)[..., None]
     # Masked before the square: a pair s > t has the factors e^((A_t - A_s) / 2) >= 1, up to e^(0.2 B),
     # which may overflow; selected away first, it passes no inf (and no 0 x inf) to the gradient.
-    pairs = jnp.where(own, jnp.einsum("...kr,...jr->...kj", qd, kd), 0.0)
+    # In the features' dtype (bf16 in a bf16 model, as q . k is), summed in fp32.
+    pairs = jnp.einsum("...kr,...jr->...kj", qd.astype(ql.dtype), kd.astype(kl.dtype),
+                       preferred_element_type=jnp.float32)
+    pairs = jnp.where(own, pairs, 0.0)
     kern = pairs * pairs
     # The write gate g_s scales the values and the normalizer's ones ([B] each), not the [B, B] weights.
     num = jnp.einsum("...kj,...jc->...kc", kern, v.astype(jnp.float32) * gate[..., None])
