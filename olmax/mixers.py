@@ -251,12 +251,6 @@ def feature_size(r: int) -> int:
     return r * (r + 1) // 2
 
 
-def pair_kernel(ql: Array, kl: Array) -> Array:
-    """[..., k, r] x [..., j, r] -> [..., k, j] fp32 recall weights recall_kernel(ql . kl / sqrt(r))."""
-    r = ql.shape[-1]
-    return recall_kernel(jnp.einsum("...kr,...jr->...kj", ql, kl).astype(jnp.float32) / math.sqrt(r))
-
-
 def axial_recall(q: Array, k: Array, v: Array, ql: Array, kl: Array, gate: Array, seg: Array, block: int, *,
                  log_decay: Array | None = None, far_block: int | None = None, chunk: int = 512) -> Array:
     """The recall mixer's token mixing over the grid [n_blocks, K] (t = n*K + k), for every head.
@@ -472,8 +466,7 @@ def _far(ql, kl, v, gate, log_decay, seg, state_in, last_in):
         feats = feature_size(r)
         state_in = (jnp.zeros((bsz, h, feats, c), jnp.float32), jnp.zeros((bsz, h, feats), jnp.float32))
     # Each block's state holds its tokens of the segment that is open at the block's end
-    # (`last`), decayed to the block's end, with its normalizer as an extra value column; a
-    # query reads the sum over the earlier blocks that end in its own segment, decayed from the
+    # (`last`), decayed to the block's end, and so does its normalizer; a query reads the sum over the earlier blocks that end in its own segment, decayed from the
     # end of the block before it to itself. Contiguous segments make those blocks one run ending
     # at the block before it, so the sums are a running sum that restarts where `last` changes
     # and otherwise carries the previous sum times the block's decay: a linear scan over the

@@ -490,6 +490,18 @@ def test_mixer_block_follows_max_length():
     assert cfg.block_size == 16
 
 
+def test_quadratic_features_are_the_recall_kernel():
+    """phi(q) . phi(k) = recall_kernel(q . k / sqrt(r)) = (q . k)^2 / (2 r), with F = r (r + 1) / 2
+    features: the far part's states and the pairs it computes directly are the same weights."""
+    rng = np.random.RandomState(5)
+    q, k = rng.randn(2, 7, 5).astype(np.float32)
+    phi_q, phi_k = mixers.quadratic_features(jnp.asarray(q)), mixers.quadratic_features(jnp.asarray(k))
+    assert phi_q.shape == (7, mixers.feature_size(5)) == (7, 15)
+    want = mixers.recall_kernel(jnp.asarray(q @ k.T) / np.sqrt(5))
+    np.testing.assert_allclose(phi_q @ phi_k.T, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(want, (q @ k.T) ** 2 / 10, rtol=1e-5)
+
+
 def test_forget_spectrum():
     """Head 0 never forgets (half-life > 1e8 tokens); the others' half-lives span max_length .. 2 K,
     also where 2 K is short enough that the rate's bound (MAX_FORGET_RATE) bends it."""
