@@ -132,9 +132,9 @@ def mixer_block_for(length: int) -> int:
     1k-32k tokens K = 32 or 64 is fastest and leanest, within 7% of each other (64 at 1k, 32
     from 4k); K = 16 and K >= 128 lose 5-35%. 64 over 32: a softmax window twice as wide for
     at most 7% of speed. Since the far part runs on far blocks of its own (128 positions in long
-    rows, `mixers.recall_layout`), K sets only the window's width and cost: at 4096 tokens K = 16,
-    32 and 64 take 1.55, 1.60 and 1.73 s a step of 8192 tokens (Olmax tiny, same CPU); 64 is kept
-    for its wider exact window, and changing it changes the model. The recall mixer's far part is
+    rows, `mixers.recall_layout`), K sets only the window's width and cost: K = 64 now trains at
+    0.90-0.94x the tokens/s of the fastest K (16 or 32) from 1k to 32k (same CPU, `--only block`);
+    64 is kept for its exact window twice as wide, and changing it changes the model. The recall mixer's far part is
     linear in N at any K, so the best K does not grow with N; below 1024 tokens K shrinks so that
     a row still has >= 16 blocks. (The axial mixer, O(N (N/K + K)),
     would rather have K ~ sqrt(N): set mixer_block for it.)"""
