@@ -162,6 +162,10 @@ class Checkpointer:
                 f"vocab_size={self.meta.get('vocab_size')}; use the same vocabulary and OlmaxConfig.vocab_size."
             )
         changed = function_changes(meta.get("config", {}), self.meta.get("config", {}))
+        warning, change = forget_bound_change(meta, self.meta)
+        if warning:
+            logging.warning("Checkpoint %s: %s", where, warning)
+        changed += [change] if change else []
         if changed:
             raise CheckpointMismatchError(
                 f"Checkpoint {where} was trained as another function than this model computes, with the same "
@@ -322,6 +326,25 @@ def function_changes(saved: dict, current: dict) -> list[str]:
                        f"{current.get('max_length')}, mixer_block {saved.get('mixer_block')} -> "
                        f"{current.get('mixer_block')}; keep K with network.OlmaxConfig.mixer_block = {k_saved})")
     return changes
+
+
+def forget_bound_change(saved: dict, current: dict) -> tuple[str | None, str | None]:
+    """(warning, change) about the recall decay's bound (mixers.MAX_FORGET_RATE, recorded by
+    run_meta as `recall_forget_bound`) between a checkpoint's meta and the model's: a recall-mixer
+    checkpoint that records a config but no bound was trained before there was one (restored, with
+    a warning: only heads that learned to forget faster than ~0.1 nats a token decay differently);
+    one that records another bound computes another function (a change: refused)."""
+    now = current.get("recall_forget_bound")
+    if now is None or current.get("config", {}).get("mixer") != "recall" or not saved.get("config"):
+        return None, None
+    was = saved.get("recall_forget_bound")
+    if was is None:
+        return (f"trained before the recall decay's forget rate was bounded ({now} nats a token); heads that "
+                "learned to forget faster now forget at most that fast: evaluate it before relying on it."), None
+    if was != now:
+        return None, (f"recall decay's forget-rate bound {was} -> {now} nats a token (mixers.MAX_FORGET_RATE; "
+                      "no binding: restore it with the Olmax version that trained it)")
+    return None, None
 
 
 def first_shape_mismatch(have: dict, want: dict) -> tuple[str, Any, Any] | None:

@@ -37,7 +37,7 @@ from absl import logging
 
 from clu import metric_writers
 
-from olmax import axes, checkpoints, models, multihost, optim, partitioning, t5x_checkpoints, utils
+from olmax import axes, checkpoints, mixers, models, multihost, optim, partitioning, t5x_checkpoints, utils
 
 
 def check_batch(batch_size: int, partitioner: partitioning.PjitPartitioner, microbatches: int = 1) -> None:
@@ -55,6 +55,7 @@ def run_meta(model: models.DecoderOnlyLM, param_shapes: Any) -> dict:
     return {
         "vocab_size": model.config.vocab_size,
         "config": {k: str(v) for k, v in vars(model.config).items()},
+        "recall_forget_bound": mixers.MAX_FORGET_RATE,  # part of the recall mixer's function (checkpoints)
         "shapes": checkpoints.tree_shapes(param_shapes),
     }
 

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from olmax import checkpoints, models, network, optim, partitioning, trainer, utils
+from olmax import checkpoints, mixers, models, network, optim, partitioning, trainer, utils
 from fast_compile import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,6 +168,21 @@ def test_function_changes_name_each_field_and_its_binding():
     att = {k: str(v) for k, v in vars(network.OlmaxConfig(max_length=256, mixer="attention")).items()}
     assert checkpoints.function_changes(att, dict(att, max_length="4096")) == []
     assert checkpoints.function_changes({}, now(max_length=256)) == []  # nothing recorded: nothing to compare
+
+
+def test_checkpoints_before_the_forget_bound_restore_with_a_warning():
+    """A recall checkpoint recorded before the decay's bound existed restores with a warning naming
+    it; one with another bound is a change (refused); attention and config-less metas say nothing."""
+    config = {k: str(v) for k, v in vars(network.OlmaxConfig(max_length=256)).items()}
+    now = {"config": config, "recall_forget_bound": mixers.MAX_FORGET_RATE}
+    assert checkpoints.forget_bound_change(dict(now), now) == (None, None)
+    warning, change = checkpoints.forget_bound_change({"config": config}, now)
+    assert change is None and "before the recall decay's forget rate was bounded (0.4 nats a token)" in warning
+    warning, change = checkpoints.forget_bound_change(dict(now, recall_forget_bound=0.5), now)
+    assert warning is None and change.startswith("recall decay's forget-rate bound 0.5 -> 0.4")
+    attention = {"config": dict(config, mixer="attention"), "recall_forget_bound": mixers.MAX_FORGET_RATE}
+    assert checkpoints.forget_bound_change({"config": attention["config"]}, attention) == (None, None)
+    assert checkpoints.forget_bound_change({}, now) == (None, None)
 
 
 @pytest.mark.slow
