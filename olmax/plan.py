@@ -277,16 +277,17 @@ def _executions(bodies: dict[str, list[str]], entry: str) -> dict[str, int]:
     return runs
 
 
-def collectives(hlo_text: str, per_step: bool = False) -> dict[str, tuple[int, int]]:
+def collectives(hlo_text: str | tuple, per_step: bool = False) -> dict[str, tuple[int, int]]:
     """{op: (count, bytes)} of the cross-device collectives in a compiled program's HLO text
     (`compiled.as_text()`), bytes = the size of each op's result on one device, summed.
 
     per_step False: counted as written, an op inside a loop body (the scanned layer stack, a
     scan over chunks of a row) once, so compare programs of equal depth. per_step True: each op
     times the runs of its computation (`_executions`: the trip counts of the loops around it),
-    the collectives of one call of the program.
+    the collectives of one call of the program. hlo_text may also be `_computations(hlo_text)`,
+    parsed once for several counts.
     """
-    bodies, entry = _computations(hlo_text)
+    bodies, entry = _computations(hlo_text) if isinstance(hlo_text, str) else hlo_text
     runs = _executions(bodies, entry) if per_step and entry else {}
     out: dict[str, list[int]] = {}
     for name, lines in bodies.items():
@@ -398,7 +399,7 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
     batch_bytes = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
     arg_bytes = int(mem.argument_size_in_bytes) if mem is not None else param_bytes + opt_bytes + batch_bytes
     out_bytes = int(mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem is not None else 0
-    hlo = compiled.as_text()  # the step's program text, read for its collectives
+    hlo = _computations(compiled.as_text())  # the step's program, parsed once for its collectives
     (flops, accessed), unchunked = (_unrolled(model, partitioner, batch_size, length, optimizer, microbatches)
                                     if cost else ((0.0, 0.0), {}))
     return Plan(
