@@ -13,6 +13,10 @@ import jax.numpy as jnp
 
 from olmax import attention
 
+# The longest far block of the recall mixer (`recall_far_block`): the recall decay across a far block
+# must stay within fp32's range when `mixers._own_pairs` splits it (see mixers.MAX_FORGET_RATE).
+MAX_FAR_BLOCK = 512
+
 
 @dataclasses.dataclass(frozen=True)
 class OlmaxConfig:
@@ -74,7 +78,7 @@ class OlmaxConfig:
     recall_features: int = 16
     recall_chunk: int = 512
     # Positions per far block of the recall part (its pairs within a far block as one [B, B] matmul,
-    # earlier far blocks through their states; at most mixers.MAX_FAR_BLOCK = 512). None: a row of at
+    # earlier far blocks through their states; at most MAX_FAR_BLOCK = 512). None: a row of at
     # most 512 positions (and one recall_chunk) is one far block, longer rows far blocks of 128, the
     # fastest measured (README, "Long context"). Same function at any value.
     recall_far_block: int | None = None
@@ -107,9 +111,10 @@ class OlmaxConfig:
         if self.conv_chunk < 2 * (self.conv_kernel - 1):
             raise ValueError(f"conv_chunk={self.conv_chunk} must be >= 2 (conv_kernel - 1) = {2 * (self.conv_kernel - 1)}, "
                              "the positions before a chunk that the conv block reads.")
-        if self.recall_far_block is not None and not 1 <= self.recall_far_block <= 512:
-            raise ValueError(f"recall_far_block={self.recall_far_block} must be in [1, 512] (or None: chosen by the "
-                             "row's length); the recall decay across a far block must stay within fp32's range.")
+        if self.recall_far_block is not None and not 1 <= self.recall_far_block <= MAX_FAR_BLOCK:
+            raise ValueError(f"recall_far_block={self.recall_far_block} must be in [1, {MAX_FAR_BLOCK}] (or None: "
+                             "chosen by the row's length); the recall decay across a far block must stay within "
+                             "fp32's range.")
         if self.mixer_block is not None and self.mixer_block < 1:
             raise ValueError(f"mixer_block={self.mixer_block} must be positive (or None: chosen by max_length).")
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from olmax.attention import causal_attention
-from olmax.config import OlmaxConfig
+from olmax.config import MAX_FAR_BLOCK, OlmaxConfig
 from olmax.layers import (Array, Context, activation, cache_variable, constrain, data_shards, fan_in_normal,
                           last_positions, matmul, pad_to, param_with_axes, per_data_shard, shift_right, slide,
                           write_position, zero_aux)
@@ -394,8 +394,8 @@ def _recall_chunk(m: int, blocks: tuple, state: tuple, stateless: bool = False) 
     window = softmax_tiles(q, [(k, v, same_own), (k_prev, v_prev, same_prev & in_window)])
 
     coarse = lambda a: a.reshape(a.shape[0], a.shape[1], g // m, m * block, *a.shape[4:])  # noqa: E731
-    num, den, far_state = _far(*map(coarse, (ql, kl, v, gate, log_decay, seg)), None if stateless else far_state,
-                               seg_last[..., -1])
+    num, den, far_state = _far(*map(coarse, (ql, kl, v, gate, log_decay, seg)), far_state, seg_last[..., -1],
+                               stateless)
     y = joint_read(*window, num.reshape(bsz, h, g, block, c), den.reshape(bsz, h, g, block))
     return y.astype(v.dtype), (far_state, k[:, :, -1], v[:, :, -1], seg[:, :, -1])
 
@@ -406,7 +406,6 @@ def _recall_chunk(m: int, blocks: tuple, state: tuple, stateless: bool = False) 
 # decay between its query and key sides, each factor within e^(+-0.1 B): e^(+-51) for B <= MAX_FAR_BLOCK,
 # which leaves fp32 (to e^88) room for the features' own scale in the backward pass's products.
 MAX_FORGET_RATE = 0.4
-MAX_FAR_BLOCK = 512
 # Far blocks of rows longer than MAX_FAR_BLOCK (or than a scan step): measured fastest of 64-512 at 1k
 # and 8k tokens (tiny widths, forward and backward, 2-core CPU); shorter rows are one far block.
 FAR_BLOCK = 128
@@ -445,29 +444,27 @@ def _own_pairs(ql, kl, v, gate, A, seg):
     return num, den
 
 
-def _far(ql, kl, v, gate, log_decay, seg, state_in, last_in):
+def _far(ql, kl, v, gate, log_decay, seg, state_in, last_in, stateless=False):
     """The recall part of `axial_recall` over G far blocks [b, h, G, B, ...] of B positions: (num
     [b,h,G,B,c], den [b,h,G,B], the summed state after them) of the gated, decayed kernel over every
     lag, from the own far block pairwise and earlier far blocks through per-block states, the blocks
     before these through `state_in` (their summed state and normalizer at the end of the last of
-    them, or None: nothing before, and no state wanted after when G = 1; `last_in` [b,1] the
-    segment open there). O(G B (B (r + c) + F c) + G^2 F c)."""
-    bsz, h, g, size, c = v.shape
-    r = ql.shape[-1]
+    them; `last_in` [b,1] the segment open there). `stateless`: the blocks are a whole row (state_in
+    empty, and no state wanted after them; a single far block then reads and writes none: state None).
+    O(G B (B (r + c) + F c) + G^2 F c)."""
+    g = v.shape[2]
     # Decay within a block: A_t = log a_0 + ... + log a_t, in [-B MAX_FORGET_RATE, 0].
     A = jnp.cumsum(log_decay, axis=-1)  # [b,h,G,B]
     if g == 1:  # without a G axis of 1, which XLA:CPU would lay out apart and copy [B, B] arrays for
         num, den = (a[:, :, None] for a in _own_pairs(*(a[:, :, 0] for a in (ql, kl, v, gate, A, seg))))
-        if state_in is None:  # one block, the whole row: its pairs alone
+        if stateless:  # one block, the whole row: its pairs alone
             return num, den, None
     else:
         num, den = _own_pairs(ql, kl, v, gate, A, seg)
-    if state_in is None:
-        feats = feature_size(r)
-        state_in = (jnp.zeros((bsz, h, feats, c), jnp.float32), jnp.zeros((bsz, h, feats), jnp.float32))
     # Each block's state holds its tokens of the segment that is open at the block's end
-    # (`last`), decayed to the block's end, and so does its normalizer; a query reads the sum over the earlier blocks that end in its own segment, decayed from the
-    # end of the block before it to itself. Contiguous segments make those blocks one run ending
+    # (`last`), decayed to the block's end, and so does its normalizer; a query reads the sum over
+    # the earlier blocks that end in its own segment, decayed from the end of the block before it
+    # to itself. Contiguous segments make those blocks one run ending
     # at the block before it, so the sums are a running sum that restarts where `last` changes
     # and otherwise carries the previous sum times the block's decay: a linear scan over the
     # blocks, the incoming state first.
