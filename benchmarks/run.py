@@ -21,6 +21,9 @@ section files present); prints the tables.
               in the same run, at the small config (gin/models/small.gin sizes).
   block       the recall mixer's forward + backward tokens/s and step memory for each
               mixer_block K at each length: the data behind olmax.network.mixer_block_for.
+  far_block   the same for each recall_far_block B at K = mixer_block_for(length): the
+              data behind mixers.recall_layout's default (one far block up to 512
+              tokens, far blocks of mixers.FAR_BLOCK beyond).
 
 The machine is shared: variants run in one process, interleaved, and each table
 reports min / median times and ratios; the 1-min load average is recorded.
@@ -44,9 +47,9 @@ import numpy as np
 
 from benchmarks import common, plots
 from benchmarks.common import Section, Target
-from olmax import layers, models, network, perf, reversible
+from olmax import layers, mixers, models, network, perf, reversible
 
-SECTIONS = ("memory", "throughput", "quality", "ablations", "mfu", "block")
+SECTIONS = ("memory", "throughput", "quality", "ablations", "mfu", "block", "far_block")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MiB = 2**20
 
@@ -103,6 +106,14 @@ class Sizes:
     blk_features: int = 128
     blk_repeats: int = 3
     blk_slack: float = 0.9  # the rule's K must reach this share of the fastest K's tokens/s
+    # far_block: the recall mixer's step at each length for each recall_far_block B (tiny.gin's widths and
+    # depth: the model whose speed README quotes), K = mixer_block_for(length)
+    fb_lengths: tuple[int, ...] = (256, 512, 1024, 4096, 8192)
+    fb_blocks: tuple[int, ...] = (64, 128, 256, 512)
+    fb_tokens: int = 8192
+    fb_depth: int = 4
+    fb_repeats: int = 3
+    fb_slack: float = 0.95  # the default layout must reach this share of the fastest B's tokens/s
 
 
 QUICK = Sizes(
@@ -116,6 +127,7 @@ QUICK = Sizes(
     mfu_features=32, mfu_depth=1, mfu_conv_features=64, mfu_mixer_block=8, mfu_mixer_heads=4,
     mfu_length=64, mfu_batch=4, mfu_steps=2, peak_sizes=(256,),
     blk_lengths=(64, 256), blk_blocks=(8, 16), blk_tokens=512, blk_features=16, blk_repeats=2, blk_slack=0.0,
+    fb_lengths=(256,), fb_blocks=(64,), fb_tokens=512, fb_depth=1, fb_repeats=2, fb_slack=0.0,
 )
 
 
@@ -691,11 +703,90 @@ def block_section(s: Sizes, res: dict[tuple[int, int], dict], out: str) -> Secti
     )
 
 
+def far_block(s: Sizes, out: str) -> Section:
+    """The recall mixer's step for each far block size B at each length, against recall_layout's default."""
+    res: dict[tuple[int, str], dict] = {}
+    for length in s.fb_lengths:
+        batch = max(1, s.fb_tokens // length)
+        data = common.token_batch(batch, length)
+        k = network.mixer_block_for(length)
+        chunk = network.OlmaxConfig.recall_chunk
+        default = mixers.recall_layout(length, k, None, chunk)[0] * k
+        # B as mixers.recall_layout lays it out (a multiple of K); the default is one of them.
+        sizes = sorted({mixers.recall_layout(length, k, b, chunk)[0] * k for b in s.fb_blocks if b >= k} | {default})
+        lowered, ps = {}, {}
+        for b in sizes:
+            cfg = common.olmax_config(s.q_features, s.fb_depth, length, mixer="recall", recall_far_block=b,
+                                      conv_features=s.q_conv_features)
+            lm = models.DecoderOnlyLM(network.Olmax(cfg))
+            ps[b] = common.random_params(cfg, (batch, length))
+            lowered[b] = jax.jit(jax.grad(lambda p, d, lm=lm: lm.loss_fn(p, d, None)[0])).lower(ps[b], data)
+        compiled = compile_all(lowered)
+        runs = {b: (lambda c=compiled[b], p=ps[b]: c(p, data)) for b in sizes}
+        for run in runs.values():
+            common.timed(run)  # warm-up
+        times = common.interleaved(runs, s.fb_repeats)
+        for b in sizes:
+            res[length, b] = {"tok_s": batch * length / min(times[b]), "default": b == default, "K": k,
+                              "temp_mib": compiled[b].memory_analysis().temp_size_in_bytes / MiB}
+        log(f"  N={length:6d} K={k}: " + ", ".join(f"B {b}{'*' if b == default else ''} {res[length, b]['tok_s']:.0f} "
+                                                  f"tok/s {res[length, b]['temp_mib']:.0f} MiB" for b in sizes))
+    return far_block_section(s, res, out)
+
+
+def far_block_section(s: Sizes, res: dict[tuple[int, int], dict], out: str) -> Section:
+    """The far_block section's tables, targets and plot from {(length, B): {tok_s, temp_mib, default, K}}."""
+    rows, every, targets = [], [], []
+    for length in s.fb_lengths:
+        sizes = sorted(b for n, b in res if n == length)
+        fastest = max(sizes, key=lambda b: res[length, b]["tok_s"])
+        default = next(b for b in sizes if res[length, b]["default"])
+        share = res[length, default]["tok_s"] / res[length, fastest]["tok_s"]
+        rows.append([length, max(1, s.fb_tokens // length), res[length, default]["K"], default,
+                     res[length, default]["tok_s"], res[length, default]["temp_mib"], fastest,
+                     res[length, fastest]["tok_s"], share])
+        every += [[length, b, res[length, b]["tok_s"], res[length, b]["temp_mib"],
+                   res[length, b]["tok_s"] / res[length, default]["tok_s"]] for b in sizes]
+        targets.append(Target(f"default far block at N={length} (B={default}): tokens/s vs the fastest B ({fastest})",
+                              f">= {s.fb_slack:g}x", f"{share:.2f}x", share >= s.fb_slack))
+    fig, (ax,) = common.figure(1)
+    for length in s.fb_lengths:
+        sizes = sorted(b for n, b in res if n == length)
+        ax.plot(sizes, [res[length, b]["tok_s"] for b in sizes], marker="o", label=f"N={length}")
+    plots.log_axes(ax, "recall_far_block B", "forward + backward tokens/s")
+    ax.set_title("Recall mixer speed vs far block size")
+    plot = common.save_figure(fig, out, "far_block.png")
+    return Section(
+        name="far_block",
+        title="The recall mixer's far block size B: speed and memory by length",
+        header=["length", "batch", "K", "default B", "its tok/s", "its temp MiB", "fastest B", "its tok/s",
+                "default / fastest"],
+        rows=rows,
+        extra_tables=[("Every B:", ["length", "B", "tok/s", "temp MiB", "tok/s / default's"], every)],
+        targets=targets,
+        notes=[
+            f"Forward + backward (jit(grad(loss_fn))) of {s.fb_tokens} tokens per step (batch = tokens / length); "
+            f"tokens/s from the min over {s.fb_repeats} runs, the sizes alternating, after a warm-up run; "
+            "temp MiB: the compiled step's temp memory.",
+            f"Model: features {s.q_features}, depth {s.fb_depth}, conv {s.q_conv_features}, 4 heads (the quality "
+            f"section's model: tiny.gin's widths in a full run), K = mixer_block_for(length), recall_chunk {network.OlmaxConfig.recall_chunk}, reversible, fp32. "
+            f"B = recall_far_block in {list(s.fb_blocks)} (those >= K) as mixers.recall_layout lays it out, and the "
+            "default (None): one far block for a row of at most 512 tokens that fits one recall chunk, far blocks of "
+            f"{mixers.FAR_BLOCK} beyond.",
+            "Per far block and head the recall part costs one [B, B] pair matmul over the quadratic kernel "
+            "(r + c multiply-adds per pair) and one state write and read (2 F c per position, F = r (r+1)/2): "
+            "larger B trades quadratic pairs for fewer states.",
+        ],
+        plots=[plot],
+        data={"results": {f"{n}/{b}": r for (n, b), r in res.items()}},
+    )
+
+
 # --------------------------------------------------------------------- driver
 
 
 RUNNERS = {"memory": memory, "throughput": throughput, "quality": quality, "ablations": ablations, "mfu": mfu,
-           "block": block}
+           "block": block, "far_block": far_block}
 
 
 # Sections with their own commands (benchmarks/recall.py, t5x_peer.py, long_context.py), summarized too.

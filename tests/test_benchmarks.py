@@ -37,6 +37,8 @@ EXPECTED = {
              "MFU %", "MFU % (medians)"], 1, 1),
     "block": (["length", "batch", "fastest K", "its tok/s", "leanest K", "its temp MiB", "mixer_block_for",
                "its tok/s / fastest"], 0, len(run.QUICK.blk_lengths)),
+    "far_block": (["length", "batch", "K", "default B", "its tok/s", "its temp MiB", "fastest B", "its tok/s",
+                   "default / fastest"], 0, len(run.QUICK.fb_lengths)),
 }
 TARGETS_HEADER = ["claim", "target", "measured", "met"]
 
@@ -177,7 +179,7 @@ def test_committed_results_are_well_formed(name):
         quick = json.load(f)["context"]["quick"]
     rows = None if quick else {
         "memory": len(run.Sizes().mem_depths), "throughput": len(run.Sizes().tp_lengths),
-        "block": len(run.Sizes().blk_lengths),
+        "block": len(run.Sizes().blk_lengths), "far_block": len(run.Sizes().fb_lengths),
     }.get(name, EXPECTED[name][2])
     check_section(RESULTS, name, rows, allow_missing=True)
 
