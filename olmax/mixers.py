@@ -418,6 +418,76 @@ def forget_log_decay(z: Array) -> Array:
     return -MAX_FORGET_RATE * jnp.tanh(jax.nn.softplus(z) / MAX_FORGET_RATE)
 
 
+# ------------------------------------------------------------------ products with a hand-written backward
+# The window's and the recall part's batched products, scores "...kc,...jc->...kj" and weights times
+# values "...kj,...jc->...kc", differentiated by hand. Autodiff gives one operand's gradient as a
+# product that contracts the row axis of both of its operands (g^T q, w^T g), which XLA:CPU runs 2-5x
+# slower than the same sums in another layout. `rows_product` computes them in a layout that runs
+# fast and transposes the result (or the small operand) behind an optimization barrier, so that XLA
+# does not fold the transpose back into the product. Same sums, same dtypes (mixed operands, fp32
+# sums) as autodiff's. Olmax tiny's train step (2-core CPU) ran 1-2% faster with them at 256 tokens a
+# row, 2-5% at 4096; the block states' sums (`_far`) use `rows_product` directly.
+
+
+def _batched_dot(x: Array, y: Array, x_axis: int, y_axis: int, dtype) -> Array:
+    """Contract axis x_axis of x with y_axis of y (one of the last two each), batched over the
+    leading axes (equal shapes): [..., free x, free y] in `dtype`."""
+    batch = tuple(range(x.ndim - 2))
+    return jax.lax.dot_general(x, y, (((x_axis % x.ndim,), (y_axis % y.ndim,)), (batch, batch)),
+                               preferred_element_type=dtype)
+
+
+def rows_product(x: Array, y: Array, dtype=jnp.float32) -> Array:
+    """x^T y over the last two axes, x [..., k, m], y [..., k, n] -> [..., m, n] in `dtype`.
+
+    Measured on XLA:CPU ([32, 4] batches): a small x (window tiles, k m <= 64^2) transposed first,
+    then multiplied, runs 2x faster than the direct product; for a large x, (y^T x) [n, m] runs 1.2x
+    (n = 32) to 4.7x (n = 16) faster than [m, n] (k = m = 256) and its transpose costs little."""
+    k, m = x.shape[-2:]
+    if k * m <= 64 * 64:
+        xt = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+        return _batched_dot(xt, y, -1, -2, dtype)
+    return jnp.swapaxes(jax.lax.optimization_barrier(_batched_dot(y, x, -2, -2, dtype)), -1, -2)
+
+
+@jax.custom_vjp
+def scores_product(q: Array, k: Array) -> Array:
+    """q [..., k, c] . k [..., j, c] -> [..., k, j], fp32 sums (as softmax attention's q . k)."""
+    return _batched_dot(q, k, -1, -1, jnp.float32)
+
+
+def _scores_fwd(q, k):
+    return scores_product(q, k), (q, k)
+
+
+def _scores_bwd(res, g):
+    q, k = res
+    dq = _batched_dot(g, k, -1, -2, jnp.float32).astype(q.dtype)  # g k: [k, c]
+    return dq, rows_product(g, q).astype(k.dtype)  # g^T q: [j, c]
+
+
+scores_product.defvjp(_scores_fwd, _scores_bwd)
+
+
+@jax.custom_vjp
+def weights_product(w: Array, v: Array) -> Array:
+    """w [..., k, j] times v [..., j, c] -> [..., k, c], fp32 sums."""
+    return _batched_dot(w, v, -1, -2, jnp.float32)
+
+
+def _weights_fwd(w, v):
+    return weights_product(w, v), (w, v)
+
+
+def _weights_bwd(res, g):
+    w, v = res
+    dw = _batched_dot(g, v, -1, -1, jnp.float32).astype(w.dtype)  # g v^T: [k, j]
+    return dw, rows_product(w, g).astype(v.dtype)  # w^T g: [j, c]
+
+
+weights_product.defvjp(_weights_fwd, _weights_bwd)
+
+
 def _own_pairs(ql, kl, v, gate, A, seg):
     """`_far`'s pairs within each far block: ql, kl [..., B, r], v [..., B, c], gate and A (the
     cumulative log decay from the block's start) [..., B], seg [b, 1, ..., B] -> num [..., B, c],
@@ -434,12 +504,11 @@ def _own_pairs(ql, kl, v, gate, A, seg):
     # Masked before the square: a pair s > t has the factors e^((A_t - A_s) / 2) >= 1, up to e^(0.2 B),
     # which may overflow; selected away first, it passes no inf (and no 0 x inf) to the gradient.
     # In the features' dtype (bf16 in a bf16 model, as q . k is), summed in fp32.
-    pairs = jnp.einsum("...kr,...jr->...kj", qd.astype(ql.dtype), kd.astype(kl.dtype),
-                       preferred_element_type=jnp.float32)
+    pairs = scores_product(qd.astype(ql.dtype), kd.astype(kl.dtype))
     pairs = jnp.where(own, pairs, 0.0)
     kern = pairs * pairs
     # The write gate g_s scales the values and the normalizer's ones ([B] each), not the [B, B] weights.
-    num = jnp.einsum("...kj,...jc->...kc", kern, v.astype(jnp.float32) * gate[..., None])
+    num = weights_product(kern, v.astype(jnp.float32) * gate[..., None])
     den = jnp.einsum("...kj,...j->...k", kern, gate)
     return num, den
 
@@ -474,7 +543,7 @@ def _far(ql, kl, v, gate, log_decay, seg, state_in, last_in, stateless=False):
     # The blocks' states [b,h,G,F,c] and normalizers [b,h,G,F] (kept apart: a +1 value column
     # would make c + 1 = 65 lanes of every state, padded to 128 on an accelerator), after the
     # incoming ones.
-    states = jnp.einsum("bhnkf,bhnkc->bhnfc", fk, v.astype(jnp.float32))
+    states = rows_product(fk, v.astype(jnp.float32))
     norms = jnp.sum(fk, axis=3)
     states = jnp.concatenate([state_in[0][:, :, None], states], axis=2)  # [b,h,G+1,F,c]
     norms = jnp.concatenate([state_in[1][:, :, None], norms], axis=2)  # [b,h,G+1,F]
@@ -492,7 +561,7 @@ def _far(ql, kl, v, gate, log_decay, seg, state_in, last_in, stateless=False):
     # Block m reads the run up to block m-1 (index m of `runs`), if it ends in the query's segment.
     read = jnp.exp(A) * (seg == last[..., :-1, None])  # [b,h,G,k]
     fq = quadratic_features(ql) * read[..., None]  # [b,h,G,k,F]
-    num = num + jnp.einsum("bhnkf,bhnfc->bhnkc", fq, runs[:, :, :-1])
+    num = num + weights_product(fq, runs[:, :, :-1])
     den = den + jnp.einsum("bhnkf,bhnf->bhnk", fq, run_norms[:, :, :-1])
     return num, den, (runs[:, :, -1], run_norms[:, :, -1])
 
@@ -512,12 +581,12 @@ def softmax_tiles(q: Array, tiles: Sequence[tuple[Array, Array, Array]]) -> tupl
     scale = 1.0 / math.sqrt(q.shape[-1])
     top = total = acc = None
     for keys, values, allowed in tiles:
-        s = jnp.einsum("...kc,...jc->...kj", q, keys).astype(jnp.float32) * scale
+        s = scores_product(q, keys) * scale
         s = jnp.where(allowed, s, -jnp.inf)
         # The result does not depend on the running max: no gradient through it.
         new_top = jax.lax.stop_gradient(jnp.max(s, axis=-1) if top is None else jnp.maximum(top, jnp.max(s, axis=-1)))
         p = jnp.exp(s - new_top[..., None])
-        read = jnp.einsum("...kj,...jc->...kc", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+        read = weights_product(p.astype(values.dtype), values)
         if top is None:
             total, acc = jnp.sum(p, axis=-1), read
         else:

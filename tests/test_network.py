@@ -490,6 +490,35 @@ def test_mixer_block_follows_max_length():
     assert cfg.block_size == 16
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows", [16, 80])  # rows_product's two layouts: small x (transposed first) and large
+def test_hand_differentiated_products_match_autodiff(dtype, rows):
+    """scores_product, weights_product and rows_product: the einsums they replace, value and
+    gradients, in the same dtypes (fp32 sums of bf16 operands, gradients in the operands' dtype)."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    a = jax.random.normal(keys[0], (2, 3, rows, 8)).astype(dtype)  # [..., k, c]
+    b = jax.random.normal(keys[1], (2, 3, rows, 8)).astype(dtype)  # [..., j, c]
+    w = jax.random.normal(keys[2], (2, 3, rows, rows)).astype(dtype)  # [..., k, j]
+    cases = [
+        (mixers.scores_product, lambda x, y: jnp.einsum("...kc,...jc->...kj", x, y, preferred_element_type=jnp.float32),
+         (a, b)),
+        (mixers.weights_product, lambda x, y: jnp.einsum("...kj,...jc->...kc", x, y, preferred_element_type=jnp.float32),
+         (w, b)),
+        (mixers.rows_product, lambda x, y: jnp.einsum("...km,...kn->...mn", x, y, preferred_element_type=jnp.float32),
+         (w, b)),
+    ]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    for ours, einsum, args in cases:
+        cot = jax.random.normal(keys[3], einsum(*args).shape)
+        got, got_vjp = jax.vjp(ours, *args)
+        want, want_vjp = jax.vjp(einsum, *args)
+        assert got.dtype == want.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, **tol)
+        for g, e in zip(got_vjp(cot), want_vjp(cot)):
+            assert g.dtype == e.dtype == dtype
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), **tol)
+
+
 def test_quadratic_features_are_the_recall_kernel():
     """phi(q) . phi(k) = recall_kernel(q . k / sqrt(r)) = (q . k)^2 / (2 r), with F = r (r + 1) / 2
     features: the far part's states and the pairs it computes directly are the same weights."""
