@@ -235,16 +235,31 @@ def memory_targets(rows: list[list], swapped: dict[int, tuple[str, ...]]) -> lis
     return targets
 
 
+def kept_rows(previous: dict | None, lengths: list[int]) -> tuple[list[list], dict[int, tuple], dict[str, str]]:
+    """The rows of a `previous` speed section (as read back) that a run of `lengths` does not
+    re-measure: (rows, their swap records, {length: the command, load and machine that measured it}).
+    A row merged in before origins were recorded is credited to the previous run's command."""
+    if not previous:
+        return [], {}, {}
+    rows = [r for r in previous["data"]["rows"] if r[0] not in lengths]
+    swapped = {int(n): tuple(names) for n, names in previous["data"].get("swapped", {}).items()
+               if any(r[0] == int(n) for r in rows)}
+    c = previous["context"]
+    before = f"`{c['command']}` (load {c['load'][0]:.1f} / {c['load'][1]:.1f}; {common.hardware_line(c['hardware'])})"
+    return rows, swapped, {str(r[0]): previous["data"].get("origin", {}).get(str(r[0]), before) for r in rows}
+
+
+def origin_notes(origin: dict[str, str]) -> list[str]:
+    """One note per command that measured merged rows: "Rows of length 4096, 8192: from ..."."""
+    return [f"Rows of length {', '.join(n for n in origin if origin[n] == o)}: from {o}."
+            for o in dict.fromkeys(origin.values())]
+
+
 def speed(args, log) -> common.Section:
-    rows, earlier, notes, swapped = [], "", [], {}
+    notes = []
     name_of_section = "t5x_speed" if args.peer == "tiny" else f"t5x_speed_{args.peer}"
     previous = common.read_section(args.out, name_of_section) if args.merge else None
-    if previous:  # rows this run does not re-measure
-        rows = [r for r in previous["data"]["rows"] if str(r[0]) not in args.lengths.split(",")]
-        swapped = {int(n): tuple(names) for n, names in previous["data"].get("swapped", {}).items()
-                   if any(r[0] == int(n) for r in rows)}
-        earlier = (f"Rows of lengths {', '.join(str(r[0]) for r in rows)}: from `{previous['context']['command']}` "
-                   f"(load {previous['context']['load'][0]:.1f} / {previous['context']['load'][1]:.1f}).")
+    rows, swapped, origin = kept_rows(previous, [int(n) for n in args.lengths.split(",")])
     with tempfile.TemporaryDirectory() as tmp:
         for i, length in enumerate(int(n) for n in args.lengths.split(",")):
             batch = max(1, args.tokens // length)
@@ -271,8 +286,11 @@ def speed(args, log) -> common.Section:
                     notes.append(f"N={length}: {name}'s run wrote {swap:.1f} GiB to swap (it needs more memory than "
                                  "this machine has): its tok/s is a low estimate.")
                 train = scalars(model_dir, "train")
-                tag = "tokens_per_second" if name == "olmax" else "timing/target_tokens_per_second"
-                res[name] = last(train, tag)  # the second half: compiled, warm
+                # The second half (compiled, warm), in non-padding target tokens: T5X's timing rate counts
+                # every target position, so it is scaled by the same summary's non-padding fraction.
+                res[name] = (last(train, "tokens_per_second") if name == "olmax" else
+                             last(train, "timing/target_tokens_per_second")
+                             * last(train, "non_padding_fraction/loss_weights"))
             ratio = res["olmax"] / res["t5x"] if None not in res.values() else None
             rows.append([length, batch, args.steps, res["olmax"], res["t5x"], ratio, peak["olmax"], peak["t5x"]])
             log(f"  N={length}: Olmax {res['olmax']} tok/s, T5X {res['t5x']} tok/s (ratio {ratio}); peak resident "
@@ -289,8 +307,10 @@ def speed(args, log) -> common.Section:
         notes=[
             f"Each binary trains 2 x (timed steps) steps of {args.tokens} tokens (batch = {args.tokens} / length) on "
             f"`text_files` over `{args.corpus}`, packed; tokens/s over the second half, as each binary "
-            "reports it (Olmax: tokens_per_second; T5X: timing/target_tokens_per_second; both count the "
-            "non-padding target tokens). The two binaries alternate which runs first at each length.",
+            "reports it, in non-padding target tokens (Olmax: tokens_per_second; T5X: "
+            "timing/target_tokens_per_second, which counts every target position, times "
+            "non_padding_fraction/loss_weights of the same summary). The two binaries alternate which runs "
+            "first at each length.",
             "Peak GiB: each binary's maximum resident set (ru_maxrss, read by a small launcher process): the "
             "whole process, Python, "
             "TensorFlow's input pipeline and XLA's compiler included, at equal tokens per step, so their ratio is "
@@ -298,8 +318,8 @@ def speed(args, log) -> common.Section:
             "Olmax: gin/models/tiny.gin with max_length = the length (K = mixer_block_for(length), README's "
             f"choice); T5X: benchmarks/t5x/{PEERS[args.peer]}.",
         ] + ([f"Both binaries ran with XLA_FLAGS={args.xla_flags} at the lengths of this run."] if args.xla_flags else [])
-        + notes + ([earlier] if earlier else []),
-        data={"rows": rows, "swapped": swapped, "xla_flags": args.xla_flags},
+        + notes + origin_notes(origin),
+        data={"rows": rows, "swapped": swapped, "xla_flags": args.xla_flags, "origin": origin},
     )
 
 

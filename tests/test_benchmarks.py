@@ -184,6 +184,27 @@ def test_committed_results_are_well_formed(name):
     check_section(RESULTS, name, rows, allow_missing=True)
 
 
+def test_t5x_speed_merge_keeps_each_rows_command():
+    from benchmarks import t5x_peer
+
+    hw = common.hardware()
+    ctx = lambda cmd: {"command": cmd, "load": [1.0, 2.0], "hardware": hw}  # noqa: E731
+    rows = [[256, 32, 10, 7000.0, 5800.0, 1.2], [4096, 2, 5, 4300.0, 700.0, 6.1], [8192, 1, 5, 3900.0, 300.0, 13.0]]
+    # A section written before origins were kept: its rows are credited to its own command.
+    first = {"context": ctx("run A"), "data": {"rows": rows, "swapped": {"8192": ["t5x"]}}}
+    kept, swapped, origin = t5x_peer.kept_rows(first, [256])
+    assert [r[0] for r in kept] == [4096, 8192] and swapped == {8192: ("t5x",)}
+    assert set(origin) == {"4096", "8192"} and all(o.startswith("`run A`") for o in origin.values())
+    # Merged again by a run of 4096: 8192 keeps run A, 256 (measured by run B) is credited to run B.
+    second = {"context": ctx("run B"), "data": {"rows": [rows[0]] + kept, "swapped": {"8192": ["t5x"]}, "origin": origin}}
+    kept, swapped, origin = t5x_peer.kept_rows(second, [4096])
+    assert [r[0] for r in kept] == [256, 8192]
+    assert origin["8192"].startswith("`run A`") and origin["256"].startswith("`run B`")
+    notes = t5x_peer.origin_notes(origin)
+    assert len(notes) == 2 and any(n.startswith("Rows of length 8192: from `run A`") for n in notes)
+    assert t5x_peer.kept_rows(None, [256]) == ([], {}, {})
+
+
 def test_recall_merge_lists_points_not_yet_re_measured():
     from benchmarks import recall
 
