@@ -426,7 +426,9 @@ def forget_log_decay(z: Array) -> Array:
 # fast and transposes the result (or the small operand) behind an optimization barrier, so that XLA
 # does not fold the transpose back into the product. Same sums, same dtypes (mixed operands, fp32
 # sums) as autodiff's. Olmax tiny's train step (2-core CPU) ran 1-2% faster with them at 256 tokens a
-# row, 2-5% at 4096; the block states' sums (`_far`) use `rows_product` directly.
+# row, 2-5% at 4096; the block states' sums (`_far`) use `rows_product` directly. On other platforms
+# (whose matmul libraries take either layout) they are the plain products, differentiated by autodiff:
+# a barrier there would only keep XLA from folding the transposes away.
 
 
 def _batched_dot(x: Array, y: Array, x_axis: int, y_axis: int, dtype) -> Array:
@@ -444,20 +446,26 @@ def rows_product(x: Array, y: Array, dtype=jnp.float32) -> Array:
     then multiplied, runs 2x faster than the direct product; for a large x, (y^T x) [n, m] runs 1.2x
     (n = 32) to 4.7x (n = 16) faster than [m, n] (k = m = 256) and its transpose costs little."""
     k, m = x.shape[-2:]
+    if jax.default_backend() != "cpu":
+        return _batched_dot(x, y, -2, -2, dtype)
     if k * m <= 64 * 64:
         xt = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
         return _batched_dot(xt, y, -1, -2, dtype)
     return jnp.swapaxes(jax.lax.optimization_barrier(_batched_dot(y, x, -2, -2, dtype)), -1, -2)
 
 
-@jax.custom_vjp
 def scores_product(q: Array, k: Array) -> Array:
     """q [..., k, c] . k [..., j, c] -> [..., k, j], fp32 sums (as softmax attention's q . k)."""
+    return _scores_cpu(q, k) if jax.default_backend() == "cpu" else _batched_dot(q, k, -1, -1, jnp.float32)
+
+
+@jax.custom_vjp
+def _scores_cpu(q: Array, k: Array) -> Array:
     return _batched_dot(q, k, -1, -1, jnp.float32)
 
 
 def _scores_fwd(q, k):
-    return scores_product(q, k), (q, k)
+    return _scores_cpu(q, k), (q, k)
 
 
 def _scores_bwd(res, g):
@@ -466,17 +474,21 @@ def _scores_bwd(res, g):
     return dq, rows_product(g, q).astype(k.dtype)  # g^T q: [j, c]
 
 
-scores_product.defvjp(_scores_fwd, _scores_bwd)
+_scores_cpu.defvjp(_scores_fwd, _scores_bwd)
+
+
+def weights_product(w: Array, v: Array) -> Array:
+    """w [..., k, j] times v [..., j, c] -> [..., k, c], fp32 sums."""
+    return _weights_cpu(w, v) if jax.default_backend() == "cpu" else _batched_dot(w, v, -1, -2, jnp.float32)
 
 
 @jax.custom_vjp
-def weights_product(w: Array, v: Array) -> Array:
-    """w [..., k, j] times v [..., j, c] -> [..., k, c], fp32 sums."""
+def _weights_cpu(w: Array, v: Array) -> Array:
     return _batched_dot(w, v, -1, -2, jnp.float32)
 
 
 def _weights_fwd(w, v):
-    return weights_product(w, v), (w, v)
+    return _weights_cpu(w, v), (w, v)
 
 
 def _weights_bwd(res, g):
@@ -485,7 +497,7 @@ def _weights_bwd(res, g):
     return dw, rows_product(w, g).astype(v.dtype)  # w^T g: [j, c]
 
 
-weights_product.defvjp(_weights_fwd, _weights_bwd)
+_weights_cpu.defvjp(_weights_fwd, _weights_bwd)
 
 
 def _own_pairs(ql, kl, v, gate, A, seg):

@@ -490,11 +490,13 @@ def test_mixer_block_follows_max_length():
     assert cfg.block_size == 16
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])  # the hand-written backward, and the plain products elsewhere
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows", [16, 80])  # rows_product's two layouts: small x (transposed first) and large
-def test_hand_differentiated_products_match_autodiff(dtype, rows):
+def test_hand_differentiated_products_match_autodiff(dtype, rows, platform, monkeypatch):
     """scores_product, weights_product and rows_product: the einsums they replace, value and
     gradients, in the same dtypes (fp32 sums of bf16 operands, gradients in the operands' dtype)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
     keys = jax.random.split(jax.random.PRNGKey(3), 4)
     a = jax.random.normal(keys[0], (2, 3, rows, 8)).astype(dtype)  # [..., k, c]
     b = jax.random.normal(keys[1], (2, 3, rows, 8)).astype(dtype)  # [..., j, c]
@@ -517,6 +519,9 @@ def test_hand_differentiated_products_match_autodiff(dtype, rows):
         for g, e in zip(got_vjp(cot), want_vjp(cot)):
             assert g.dtype == e.dtype == dtype
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), **tol)
+        # The CPU's backward is the hand-written one (its transposes behind a barrier); elsewhere autodiff's.
+        grad_jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(ours, *a)[1](cot))(*args))
+        assert ("optimization_barrier" in grad_jaxpr) == (platform == "cpu")
 
 
 def test_quadratic_features_are_the_recall_kernel():
