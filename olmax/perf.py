@@ -44,11 +44,15 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
         elif cfg.mixer == "recall":
             k, h, r = cfg.block_size, cfg.num_heads, cfg.recall_features
             states = h * mixers.feature_size(r) * (d // h)  # one token into or out of a [F, c] state per head
-            # Blocks per chunk: the block states are passed along a chunk as one [G, G] matmul.
-            per_chunk = min(-(-length // k), max(1, cfg.recall_chunk // k))
+            # The far part's layout (mixers.recall_layout): far blocks of B = m K positions, `per_step` of
+            # them a scan step, their states passed along a step as one [G, G] matmul.
+            m, per_step, steps = mixers.recall_layout(length, k, cfg.recall_far_block, cfg.recall_chunk)
+            far = m * k
             per_layer += 2 * (4 * d * d + 2 * d * h * r + 2 * d * h)  # projections (q, k, v, out, recall q, k; gate, forget)
-            per_layer += 2 * 2 * k * d + 2 * k * (h * r + d)  # window softmax; the own block's recall pairs
-            per_layer += 2 * states * (2 + per_chunk / k)  # write, read, and pass the block states
+            per_layer += 2 * 2 * k * d  # window softmax: K keys a query (scores and values)
+            per_layer += far * (h * r + d)  # own far block's pairs: (B + 1) / 2 keys a query on average
+            if per_step * steps > 1:  # a row of one far block writes and reads no state
+                per_layer += 2 * states * (2 + per_step / far)  # write, read, and pass the far blocks' states
         else:
             per_layer += 2 * 4 * d * d + 2 * 2 * length * d  # projections + scores and values
     return cfg.depth * per_layer + 2 * d * cfg.vocab_size
