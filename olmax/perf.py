@@ -50,7 +50,7 @@ def forward_flops_per_token(cfg: network.OlmaxConfig, length: int) -> float:
             far = m * k
             per_layer += 2 * (4 * d * d + 2 * d * h * r + 2 * d * h)  # projections (q, k, v, out, recall q, k; gate, forget)
             per_layer += 2 * 2 * k * d  # window softmax: K keys a query (scores and values)
-            per_layer += far * (h * r + d)  # own far block's pairs: (B + 1) / 2 keys a query on average
+            per_layer += far * (h * r + d)  # own far block's pairs: about B / 2 keys a query
             if per_step * steps > 1:  # a row of one far block writes and reads no state
                 per_layer += 2 * states * (2 + per_step / far)  # write, read, and pass the far blocks' states
         else:
