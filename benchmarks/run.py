@@ -623,28 +623,35 @@ def mfu(s: Sizes, out: str) -> Section:
 # ------------------------------------------------------------------- 6. block
 
 
+def grad_steps(cfgs: dict, batch: int, length: int, repeats: int) -> dict:
+    """{key: config} -> {key: {tok_s, temp_mib}}: each config's forward + backward (jit(grad(loss_fn)))
+    on one [batch, length] batch, compiled together, timed interleaved (the min of `repeats` runs
+    after a warm-up), with the compiled step's temp memory."""
+    data = common.token_batch(batch, length)
+    lowered, ps = {}, {}
+    for key, cfg in cfgs.items():
+        lm = models.DecoderOnlyLM(network.Olmax(cfg))
+        ps[key] = common.random_params(cfg, (batch, length))
+        lowered[key] = jax.jit(jax.grad(lambda p, d, lm=lm: lm.loss_fn(p, d, None)[0])).lower(ps[key], data)
+    compiled = compile_all(lowered)
+    runs = {key: (lambda c=compiled[key], p=ps[key]: c(p, data)) for key in cfgs}
+    for run in runs.values():
+        common.timed(run)  # warm-up
+    times = common.interleaved(runs, repeats)
+    return {key: {"tok_s": batch * length / min(times[key]),
+                  "temp_mib": compiled[key].memory_analysis().temp_size_in_bytes / MiB} for key in cfgs}
+
+
 def block(s: Sizes, out: str) -> Section:
     """The recall mixer's step for each K at each length, against network.mixer_block_for's choice."""
     res: dict[tuple[int, int], dict] = {}
     for length in s.blk_lengths:
         batch = max(1, s.blk_tokens // length)
-        data = common.token_batch(batch, length)
         blocks = [k for k in s.blk_blocks if 4 * k <= length]
-        lowered, ps = {}, {}
-        for k in blocks:
-            cfg = common.olmax_config(s.blk_features, 1, length, mixer="recall", mixer_block=k,
-                                      conv_features=2 * s.blk_features)
-            lm = models.DecoderOnlyLM(network.Olmax(cfg))
-            ps[k] = common.random_params(cfg, (batch, length))
-            lowered[k] = jax.jit(jax.grad(lambda p, b, lm=lm: lm.loss_fn(p, b, None)[0])).lower(ps[k], data)
-        compiled = compile_all(lowered)
-        runs = {k: (lambda c=compiled[k], p=ps[k]: c(p, data)) for k in blocks}
-        for run in runs.values():
-            common.timed(run)  # warm-up
-        times = common.interleaved(runs, s.blk_repeats)
-        for k in blocks:
-            res[length, k] = {"tok_s": batch * length / min(times[k]),
-                              "temp_mib": compiled[k].memory_analysis().temp_size_in_bytes / MiB}
+        cfgs = {k: common.olmax_config(s.blk_features, 1, length, mixer="recall", mixer_block=k,
+                                       conv_features=2 * s.blk_features) for k in blocks}
+        for k, r in grad_steps(cfgs, batch, length, s.blk_repeats).items():
+            res[length, k] = r
         log(f"  N={length:6d}: " + ", ".join(f"K {k} {res[length, k]['tok_s']:.0f} tok/s "
                                             f"{res[length, k]['temp_mib']:.0f} MiB" for k in blocks))
     return block_section(s, res, out)
@@ -708,27 +715,15 @@ def far_block(s: Sizes, out: str) -> Section:
     res: dict[tuple[int, str], dict] = {}
     for length in s.fb_lengths:
         batch = max(1, s.fb_tokens // length)
-        data = common.token_batch(batch, length)
         k = network.mixer_block_for(length)
         chunk = network.OlmaxConfig.recall_chunk
         default = mixers.recall_layout(length, k, None, chunk)[0] * k
         # B as mixers.recall_layout lays it out (a multiple of K); the default is one of them.
         sizes = sorted({mixers.recall_layout(length, k, b, chunk)[0] * k for b in s.fb_blocks if b >= k} | {default})
-        lowered, ps = {}, {}
-        for b in sizes:
-            cfg = common.olmax_config(s.q_features, s.fb_depth, length, mixer="recall", recall_far_block=b,
-                                      conv_features=s.q_conv_features)
-            lm = models.DecoderOnlyLM(network.Olmax(cfg))
-            ps[b] = common.random_params(cfg, (batch, length))
-            lowered[b] = jax.jit(jax.grad(lambda p, d, lm=lm: lm.loss_fn(p, d, None)[0])).lower(ps[b], data)
-        compiled = compile_all(lowered)
-        runs = {b: (lambda c=compiled[b], p=ps[b]: c(p, data)) for b in sizes}
-        for run in runs.values():
-            common.timed(run)  # warm-up
-        times = common.interleaved(runs, s.fb_repeats)
-        for b in sizes:
-            res[length, b] = {"tok_s": batch * length / min(times[b]), "default": b == default, "K": k,
-                              "temp_mib": compiled[b].memory_analysis().temp_size_in_bytes / MiB}
+        cfgs = {b: common.olmax_config(s.q_features, s.fb_depth, length, mixer="recall", recall_far_block=b,
+                                       conv_features=s.q_conv_features) for b in sizes}
+        for b, r in grad_steps(cfgs, batch, length, s.fb_repeats).items():
+            res[length, b] = dict(r, default=b == default, K=k)
         log(f"  N={length:6d} K={k}: " + ", ".join(f"B {b}{'*' if b == default else ''} {res[length, b]['tok_s']:.0f} "
                                                   f"tok/s {res[length, b]['temp_mib']:.0f} MiB" for b in sizes))
     return far_block_section(s, res, out)
