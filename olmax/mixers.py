@@ -23,6 +23,8 @@ its einsum letters. Their decode caches:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
 from typing import Callable, Sequence
@@ -431,6 +433,27 @@ def forget_log_decay(z: Array) -> Array:
 # a barrier there would only keep XLA from folding the transposes away.
 
 
+# None: the hand-written backward when the program is traced for the CPU; True / False: forced by
+# `products_for` (olmax.plan compiles an accelerator's step on the CPU).
+_HAND_BACKWARD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("olmax_hand_backward", default=None)
+
+
+def _hand_backward() -> bool:
+    forced = _HAND_BACKWARD.get()
+    return jax.default_backend() == "cpu" if forced is None else forced
+
+
+@contextlib.contextmanager
+def products_for(platform: str):
+    """Within it, the products are built as for `platform` ("cpu": with the hand-written backward;
+    any other: autodiff's plain products), whichever backend traces them."""
+    token = _HAND_BACKWARD.set(platform == "cpu")
+    try:
+        yield
+    finally:
+        _HAND_BACKWARD.reset(token)
+
+
 def _batched_dot(x: Array, y: Array, x_axis: int, y_axis: int, dtype) -> Array:
     """Contract axis x_axis of x with y_axis of y (one of the last two each), batched over the
     leading axes (equal shapes): [..., free x, free y] in `dtype`."""
@@ -446,7 +469,7 @@ def rows_product(x: Array, y: Array, dtype=jnp.float32) -> Array:
     then multiplied, runs 2x faster than the direct product; for a large x, (y^T x) [n, m] runs 1.2x
     (n = 32) to 4.7x (n = 16) faster than [m, n] (k = m = 256) and its transpose costs little."""
     k, m = x.shape[-2:]
-    if jax.default_backend() != "cpu":
+    if not _hand_backward():
         return _batched_dot(x, y, -2, -2, dtype)
     if k * m <= 64 * 64:
         xt = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
@@ -456,7 +479,7 @@ def rows_product(x: Array, y: Array, dtype=jnp.float32) -> Array:
 
 def scores_product(q: Array, k: Array) -> Array:
     """q [..., k, c] . k [..., j, c] -> [..., k, j], fp32 sums (as softmax attention's q . k)."""
-    return _scores_cpu(q, k) if jax.default_backend() == "cpu" else _batched_dot(q, k, -1, -1, jnp.float32)
+    return _scores_cpu(q, k) if _hand_backward() else _batched_dot(q, k, -1, -1, jnp.float32)
 
 
 @jax.custom_vjp
@@ -479,7 +502,7 @@ _scores_cpu.defvjp(_scores_fwd, _scores_bwd)
 
 def weights_product(w: Array, v: Array) -> Array:
     """w [..., k, j] times v [..., j, c] -> [..., k, c], fp32 sums."""
-    return _weights_cpu(w, v) if jax.default_backend() == "cpu" else _batched_dot(w, v, -1, -2, jnp.float32)
+    return _weights_cpu(w, v) if _hand_backward() else _batched_dot(w, v, -1, -2, jnp.float32)
 
 
 @jax.custom_vjp

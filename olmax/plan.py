@@ -34,6 +34,7 @@ available and what to change when the step does not fit in --device_memory_gb.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -380,10 +381,21 @@ def _unrolled(model, partitioner, batch_size: int, length: int, optimizer: Calla
 
 def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable | None = None, microbatches: int = 1,
          peak_flops: float = 275e12, utilization: float = 0.6, device_memory_bytes: int | None = None,
-         memory_bandwidth: float | None = None, cost: bool = True, lanes: int | None = None) -> Plan:
+         memory_bandwidth: float | None = None, cost: bool = True, lanes: int | None = None,
+         platform: str | None = None) -> Plan:
     """Compiles the train step for `partitioner`'s mesh from abstract shapes and measures it
     (`cost`: and XLA's FLOPs and bytes of it, `compiled_cost`: two more compiles; `lanes`: the
-    matrix unit's tile width, for `tile_use`)."""
+    matrix unit's tile width, for `tile_use`; `platform`: build the program as for that platform,
+    `mixers.products_for`, e.g. "tpu" for a TPU step compiled here on the CPU)."""
+    from olmax import mixers
+
+    with mixers.products_for(platform) if platform else contextlib.nullcontext():
+        return _plan(model, partitioner, batch_size, length, optimizer, microbatches, peak_flops, utilization,
+                     device_memory_bytes, memory_bandwidth, cost, lanes)
+
+
+def _plan(model, partitioner, batch_size, length, optimizer, microbatches, peak_flops, utilization,
+          device_memory_bytes, memory_bandwidth, cost, lanes) -> Plan:
     import jax
     import numpy as np
 
@@ -609,7 +621,8 @@ def main(argv) -> None:
     try:
         p = plan(model, partitioner, int(batch_size), int(length), optimizer, int(microbatches), peak,
                  fl.utilization, int(memory_gb * GIB), bandwidth,
-                 lanes=TPU_LANES if fl.device_kind.startswith("TPU") else None)
+                 lanes=TPU_LANES if fl.device_kind.startswith("TPU") else None,
+                 platform="tpu" if fl.device_kind.startswith("TPU") else "gpu")
     except ValueError as e:
         raise SystemExit(f"olmax.plan: {e}") from None
     print(json.dumps(p.as_dict()) if fl.json else report(p), flush=True)
