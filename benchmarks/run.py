@@ -1,6 +1,6 @@
 """The seed's claims measured side by side: memory, throughput, quality, ablations, MFU.
 
-    python -m benchmarks.run                                  # all sections (~25 min on 2 CPU cores)
+    python -m benchmarks.run                                  # all sections (~30 min on 2 CPU cores)
     python -m benchmarks.run --quick                          # tiny sizes, < 60 s: the CI smoke run
     python -m benchmarks.run --only memory,throughput         # some sections
     python -m benchmarks.run --out benchmarks/results         # where tables and plots go (the default;
