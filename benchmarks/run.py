@@ -712,7 +712,7 @@ def block_section(s: Sizes, res: dict[tuple[int, int], dict], out: str) -> Secti
 
 def far_block(s: Sizes, out: str) -> Section:
     """The recall mixer's step for each far block size B at each length, against recall_layout's default."""
-    res: dict[tuple[int, str], dict] = {}
+    res: dict[tuple[int, int], dict] = {}
     for length in s.fb_lengths:
         batch = max(1, s.fb_tokens // length)
         k = network.mixer_block_for(length)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import math
 from typing import Callable, Sequence
@@ -479,48 +480,33 @@ def rows_product(x: Array, y: Array, dtype=jnp.float32) -> Array:
 
 def scores_product(q: Array, k: Array) -> Array:
     """q [..., k, c] . k [..., j, c] -> [..., k, j], fp32 sums (as softmax attention's q . k)."""
-    return _scores_cpu(q, k) if _hand_backward() else _batched_dot(q, k, -1, -1, jnp.float32)
-
-
-@jax.custom_vjp
-def _scores_cpu(q: Array, k: Array) -> Array:
-    return _batched_dot(q, k, -1, -1, jnp.float32)
-
-
-def _scores_fwd(q, k):
-    return _scores_cpu(q, k), (q, k)
-
-
-def _scores_bwd(res, g):
-    q, k = res
-    dq = _batched_dot(g, k, -1, -2, jnp.float32).astype(q.dtype)  # g k: [k, c]
-    return dq, rows_product(g, q).astype(k.dtype)  # g^T q: [j, c]
-
-
-_scores_cpu.defvjp(_scores_fwd, _scores_bwd)
+    return _hand_product(q, k, -1) if _hand_backward() else _batched_dot(q, k, -1, -1, jnp.float32)
 
 
 def weights_product(w: Array, v: Array) -> Array:
     """w [..., k, j] times v [..., j, c] -> [..., k, c], fp32 sums."""
-    return _weights_cpu(w, v) if _hand_backward() else _batched_dot(w, v, -1, -2, jnp.float32)
+    return _hand_product(w, v, -2) if _hand_backward() else _batched_dot(w, v, -1, -2, jnp.float32)
 
 
-@jax.custom_vjp
-def _weights_cpu(w: Array, v: Array) -> Array:
-    return _batched_dot(w, v, -1, -2, jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _hand_product(x: Array, y: Array, y_axis: int) -> Array:
+    """x's last axis contracted with y's `y_axis` (-1: scores, -2: weights times values), fp32 sums."""
+    return _batched_dot(x, y, -1, y_axis, jnp.float32)
 
 
-def _weights_fwd(w, v):
-    return _weights_cpu(w, v), (w, v)
+def _hand_product_fwd(x, y, y_axis):
+    return _hand_product(x, y, y_axis), (x, y)
 
 
-def _weights_bwd(res, g):
-    w, v = res
-    dw = _batched_dot(g, v, -1, -1, jnp.float32).astype(w.dtype)  # g v^T: [k, j]
-    return dw, rows_product(w, g).astype(v.dtype)  # w^T g: [j, c]
+def _hand_product_bwd(y_axis, res, g):
+    x, y = res
+    other = -2 if y_axis == -1 else -1  # y's axis that is not contracted
+    dx = _batched_dot(g, y, -1, other, jnp.float32).astype(x.dtype)  # scores: g k; weights: g v^T
+    dy = rows_product(g, x) if y_axis == -1 else rows_product(x, g)  # scores: g^T q [j, c]; weights: w^T g [j, c]
+    return dx, dy.astype(y.dtype)
 
 
-_weights_cpu.defvjp(_weights_fwd, _weights_bwd)
+_hand_product.defvjp(_hand_product_fwd, _hand_product_bwd)
 
 
 def _own_pairs(ql, kl, v, gate, A, seg):

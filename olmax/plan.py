@@ -387,24 +387,19 @@ def plan(model, partitioner, batch_size: int, length: int, optimizer: Callable |
     (`cost`: and XLA's FLOPs and bytes of it, `compiled_cost`: two more compiles; `lanes`: the
     matrix unit's tile width, for `tile_use`; `platform`: build the program as for that platform,
     `mixers.products_for`, e.g. "tpu" for a TPU step compiled here on the CPU)."""
-    from olmax import mixers
-
-    with mixers.products_for(platform) if platform else contextlib.nullcontext():
-        return _plan(model, partitioner, batch_size, length, optimizer, microbatches, peak_flops, utilization,
-                     device_memory_bytes, memory_bandwidth, cost, lanes)
-
-
-def _plan(model, partitioner, batch_size, length, optimizer, microbatches, peak_flops, utilization,
-          device_memory_bytes, memory_bandwidth, cost, lanes) -> Plan:
     import jax
     import numpy as np
 
-    from olmax import models, perf, trainer
+    from olmax import mixers, models, perf, trainer
 
     trainer.check_batch(batch_size, partitioner, microbatches)
     if length > model.config.max_length:
         raise ValueError(f"--length={length} exceeds the model's max_length={model.config.max_length}.")
-    setup, state, batch, compiled = compile_step(model, partitioner, batch_size, length, optimizer, microbatches)
+    # Every program this plan compiles is traced here (the step, and `_unrolled`'s two for XLA's cost).
+    with mixers.products_for(platform) if platform else contextlib.nullcontext():
+        setup, state, batch, compiled = compile_step(model, partitioner, batch_size, length, optimizer, microbatches)
+        (flops, accessed), unchunked = (_unrolled(model, partitioner, batch_size, length, optimizer, microbatches)
+                                        if cost else ((0.0, 0.0), {}))
     mem = compiled.memory_analysis()
     param_bytes = _sharded_bytes(setup.param_shapes, setup.param_shardings)
     opt_bytes = _sharded_bytes(state["opt_state"], setup.state_shardings["opt_state"])
@@ -412,8 +407,6 @@ def _plan(model, partitioner, batch_size, length, optimizer, microbatches, peak_
     arg_bytes = int(mem.argument_size_in_bytes) if mem is not None else param_bytes + opt_bytes + batch_bytes
     out_bytes = int(mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem is not None else 0
     hlo = _computations(compiled.as_text())  # the step's program, parsed once for its collectives
-    (flops, accessed), unchunked = (_unrolled(model, partitioner, batch_size, length, optimizer, microbatches)
-                                    if cost else ((0.0, 0.0), {}))
     return Plan(
         mesh=dict(partitioner.mesh.shape),
         batch_size=batch_size,
